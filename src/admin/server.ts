@@ -1,0 +1,43 @@
+// Admin HTTP endpoint (loopback by default): GET /status returns the JSON behind `nbd-mirror status`.
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+
+export type StatusSource = () => unknown;
+
+export class AdminServer {
+  private readonly server: http.Server;
+
+  constructor(private readonly status: StatusSource) {
+    this.server = http.createServer((req, res) => this.route(req, res));
+  }
+
+  listen(host: string, port: number): Promise<AddressInfo> {
+    return new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(port, host, () => {
+        this.server.off('error', reject);
+        resolve(this.server.address() as AddressInfo);
+      });
+    });
+  }
+
+  private route(req: http.IncomingMessage, res: http.ServerResponse): void {
+    const url = new URL(req.url ?? '/', 'http://admin');
+    if (req.method !== 'GET') return send(res, 405, { error: 'method not allowed' });
+    if (url.pathname === '/status') return send(res, 200, this.status());
+    send(res, 404, { error: `no such endpoint ${url.pathname}` });
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve) => {
+      this.server.close(() => resolve());
+      this.server.closeAllConnections();
+    });
+  }
+}
+
+function send(res: http.ServerResponse, code: number, body: unknown): void {
+  const text = JSON.stringify(body, null, 2) + '\n';
+  res.writeHead(code, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
+  res.end(text);
+}

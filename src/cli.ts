@@ -1,0 +1,140 @@
+#!/usr/bin/env node
+import './threadpool.js';
+import { parseArgs } from 'node:util';
+import { ConfigError, loadConfig } from './config/load.js';
+import { createLogger } from './log.js';
+import { Site } from './site.js';
+import { formatStatus, fetchStatus } from './admin/client.js';
+
+/** Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error, 3 admin endpoint unreachable. */
+const EXIT_OK = 0;
+const EXIT_FAIL = 1;
+const EXIT_USAGE = 2;
+const EXIT_UNREACHABLE = 3;
+
+const HELP: Record<string, string> = {
+  main: `nbd-mirror — NBD block storage mirrored between two sites
+
+Usage:
+  nbd-mirror serve --config FILE          run a site (NBD listener, mirror, admin endpoint)
+  nbd-mirror status --config FILE [--json] show LUN roles, modes, states and counters
+  nbd-mirror config check FILE             validate a configuration without serving
+
+Exit codes: 0 ok, 1 failure, 2 usage or configuration error, 3 site not reachable.
+Run 'nbd-mirror COMMAND --help' for a command's options.`,
+  serve: `Usage: nbd-mirror serve --config FILE
+
+Serves the site's LUNs over NBD until SIGTERM/SIGINT, then finishes in-flight requests and exits 0.
+Logs go to stdout (JSON lines unless log.format is pretty or stdout is a terminal).`,
+  status: `Usage: nbd-mirror status --config FILE [--json]
+
+Asks the running site's admin endpoint (admin.host:admin.port of FILE) for its status.`,
+  config: `Usage: nbd-mirror config check FILE
+
+Validates FILE against the schema and checks every LUN path; prints "ok" or one line per problem.`,
+};
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  if (!command || command === '--help' || command === '-h' || command === 'help') {
+    console.log(HELP.main);
+    return command ? EXIT_OK : EXIT_USAGE;
+  }
+  switch (command) {
+    case 'serve': return serve(rest);
+    case 'status': return status(rest);
+    case 'config': return config(rest);
+    default:
+      console.error(`nbd-mirror: unknown command "${command}"\n\n${HELP.main}`);
+      return EXIT_USAGE;
+  }
+}
+
+type OptionSpec = Record<string, { type: 'string' | 'boolean'; short?: string }>;
+interface Parsed { values: Record<string, string | boolean | undefined>; positionals: string[] }
+
+function options(args: string[], spec: OptionSpec, help: string): Parsed | null {
+  try {
+    const parsed = parseArgs({ args, options: { ...spec, help: { type: 'boolean', short: 'h' } }, allowPositionals: true });
+    if (parsed.values.help) {
+      console.log(help);
+      return null;
+    }
+    return parsed as Parsed;
+  } catch (err) {
+    throw new UsageError(`${(err as Error).message}\n\n${help}`);
+  }
+}
+
+class UsageError extends Error {}
+
+async function serve(args: string[]): Promise<number> {
+  const opts = options(args, { config: { type: 'string', short: 'c' } }, HELP.serve);
+  if (!opts) return EXIT_OK;
+  if (!opts.values.config) throw new UsageError(`serve needs --config FILE\n\n${HELP.serve}`);
+  const cfg = loadConfig(opts.values.config as string);
+  const log = createLogger(cfg.log.level, cfg.log.format, cfg.site);
+  const site = await Site.start(cfg, log);
+  log.info('ready', {
+    nbd: `${site.nbdAddress!.address}:${site.nbdAddress!.port}`,
+    admin: `${site.adminAddress!.address}:${site.adminAddress!.port}`,
+    luns: site.luns.all().map((l) => l.name),
+  });
+  return new Promise<number>((resolve) => {
+    let stopping = false;
+    const stop = (signal: string) => {
+      if (stopping) return;
+      stopping = true;
+      log.info('shutting down', { signal });
+      site.stop().then(
+        () => { log.info('stopped'); resolve(EXIT_OK); },
+        (err: Error) => { log.error('shutdown failed', { error: err.message }); resolve(EXIT_FAIL); },
+      );
+    };
+    process.on('SIGTERM', () => stop('SIGTERM'));
+    process.on('SIGINT', () => stop('SIGINT'));
+    process.on('SIGHUP', () => log.warn('SIGHUP: configuration reload is not supported yet; ignoring'));
+  });
+}
+
+async function status(args: string[]): Promise<number> {
+  const opts = options(args, { config: { type: 'string', short: 'c' }, json: { type: 'boolean' } }, HELP.status);
+  if (!opts) return EXIT_OK;
+  if (!opts.values.config) throw new UsageError(`status needs --config FILE\n\n${HELP.status}`);
+  const cfg = loadConfig(opts.values.config as string);
+  let body: unknown;
+  try {
+    body = await fetchStatus(cfg.admin.host, cfg.admin.port);
+  } catch (err) {
+    console.error(`nbd-mirror: site "${cfg.site}" not reachable at ${cfg.admin.host}:${cfg.admin.port}: ${(err as Error).message}`);
+    return EXIT_UNREACHABLE;
+  }
+  console.log(opts.values.json ? JSON.stringify(body, null, 2) : formatStatus(body));
+  return EXIT_OK;
+}
+
+async function config(args: string[]): Promise<number> {
+  const opts = options(args, {}, HELP.config);
+  if (!opts) return EXIT_OK;
+  const [sub, file] = opts.positionals;
+  if (sub !== 'check' || !file) throw new UsageError(HELP.config);
+  loadConfig(file);
+  console.log(`${file}: ok`);
+  return EXIT_OK;
+}
+
+main(process.argv.slice(2)).then(
+  (code) => { process.exitCode = code; },
+  (err: Error) => {
+    if (err instanceof ConfigError) {
+      console.error(`nbd-mirror: config error: ${err.message}`);
+      process.exitCode = EXIT_USAGE;
+    } else if (err instanceof UsageError) {
+      console.error(`nbd-mirror: ${err.message}`);
+      process.exitCode = EXIT_USAGE;
+    } else {
+      console.error(`nbd-mirror: ${err.message}`);
+      process.exitCode = EXIT_FAIL;
+    }
+  },
+);

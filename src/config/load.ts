@@ -1,0 +1,80 @@
+// Load and check a site configuration: JSON syntax, the convict schema (strict: unknown keys
+// are errors), then what a schema cannot see (duplicate names, backing paths). Every failure
+// is one ConfigError line naming the key and the problem.
+import fs from 'node:fs';
+import convict from 'convict';
+import { lunChild, schema, type LunConfig, type SiteConfig } from './schema.js';
+
+export class ConfigError extends Error {}
+
+export function siteSchema() {
+  return convict<SiteConfig>(schema as unknown as convict.Schema<SiteConfig>);
+}
+
+/** Parse and validate configuration text; `origin` names the file in messages. */
+export function parseConfig(text: string, origin: string, env: NodeJS.ProcessEnv = process.env): SiteConfig {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (err) {
+    throw new ConfigError(`${origin}: malformed JSON: ${(err as Error).message}`);
+  }
+  if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) {
+    throw new ConfigError(`${origin}: must be a JSON object`);
+  }
+  const conf = convict<SiteConfig>(schema as unknown as convict.Schema<SiteConfig>, { env, args: [] });
+  try {
+    conf.load(raw);
+    conf.validate({ allowed: 'strict' });
+  } catch (err) {
+    throw new ConfigError(`${origin}: ${oneLine((err as Error).message)}`);
+  }
+  const cfg = conf.getProperties();
+  if (!cfg.site) throw new ConfigError(`${origin}: site: required (this site's name)`);
+  cfg.luns = cfg.luns.map((l) => lunChild().load(l).getProperties());
+  checkLuns(cfg.luns, origin);
+  return cfg;
+}
+
+export function loadConfig(file: string): SiteConfig {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError(`${file}: cannot read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  return parseConfig(text, file);
+}
+
+function checkLuns(luns: LunConfig[], origin: string): void {
+  const seen = new Set<string>();
+  luns.forEach((lun, i) => {
+    const key = `${origin}: luns[${i}]`;
+    if (!lun.name) throw new ConfigError(`${key}.name: required`);
+    if (!lun.path) throw new ConfigError(`${key}.path: required`);
+    if (seen.has(lun.name)) throw new ConfigError(`${key}.name: duplicate LUN name "${lun.name}"`);
+    seen.add(lun.name);
+    if (lun.role === 'secondary' && lun.mirror !== 'none') {
+      throw new ConfigError(`${key}.mirror: a secondary LUN has no mirror mode (got "${lun.mirror}")`);
+    }
+    let st: fs.Stats;
+    try {
+      st = fs.statSync(lun.path);
+    } catch (err) {
+      throw new ConfigError(`${key}.path: ${lun.path}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'does not exist' : (err as Error).message}`);
+    }
+    if (!st.isFile() && !st.isBlockDevice()) {
+      throw new ConfigError(`${key}.path: ${lun.path} is neither a regular file nor a block device`);
+    }
+  });
+}
+
+/** convict reports one problem per line, with the offending value; keep it to one readable line. */
+function oneLine(message: string): string {
+  return message
+    .split('\n')
+    .filter(Boolean)
+    .map((line) => line.replace(/: value was (.{60}).+$/, ': value was $1…'))
+    .map((line) => line.replace(/^configuration param '([^']+)' not declared in the schema$/, '$1: unknown key'))
+    .join('; ');
+}

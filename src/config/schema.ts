@@ -1,0 +1,140 @@
+// The configuration schema: the public interface of `serve`. Every key has a doc, a default
+// where one makes sense, validation, and (for scalars) an environment override.
+import convict from 'convict';
+
+export const LUN_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+
+const lunSchema = {
+  name: {
+    doc: 'Export name hosts attach to; pairs a primary with the secondary of the same name on the peer.',
+    format: (v: unknown) => {
+      if (typeof v !== 'string' || !LUN_NAME.test(v)) {
+        throw new Error('must be 1-128 characters of letters, digits, ".", "_" or "-", not starting with a punctuation mark');
+      }
+    },
+    default: '',
+  },
+  path: {
+    doc: 'Backing store: an existing regular (image) file or block device. Its size is the export size.',
+    format: (v: unknown) => {
+      if (typeof v !== 'string' || v.length === 0) throw new Error('must be a non-empty path');
+    },
+    default: '',
+  },
+  role: {
+    doc: 'primary: hosts write here and writes are mirrored to the peer; secondary: receives the peer\'s writes, exported read-only.',
+    format: ['primary', 'secondary'],
+    default: 'primary',
+  },
+  mirror: {
+    doc: 'For a primary: sync (ack after the peer stored the write), async (ack after the local write), none.',
+    format: ['sync', 'async', 'none'],
+    default: 'none',
+  },
+  readOnly: {
+    doc: 'Export read-only to hosts (writes get EPERM).',
+    format: Boolean,
+    default: false,
+  },
+  description: {
+    doc: 'Free text shown to clients by NBD LIST/INFO.',
+    format: String,
+    default: '',
+  },
+};
+
+export type LunConfig = {
+  name: string; path: string; role: 'primary' | 'secondary'; mirror: 'sync' | 'async' | 'none';
+  readOnly: boolean; description: string;
+};
+
+convict.addFormat({
+  name: 'lun-array',
+  validate(items: unknown) {
+    if (!Array.isArray(items)) throw new Error('must be an array of LUN objects');
+    items.forEach((item, i) => {
+      try {
+        if (item === null || typeof item !== 'object' || Array.isArray(item)) throw new Error('must be an object');
+        lunChild().load(item).validate({ allowed: 'strict' });
+      } catch (err) {
+        throw new Error(`[${i}]${describeChildError((err as Error).message)}`);
+      }
+    });
+  },
+});
+
+convict.addFormat({
+  name: 'host',
+  validate(v: unknown) {
+    if (typeof v !== 'string' || v.length === 0 || /\s/.test(v)) throw new Error('must be a host name or IP address');
+  },
+});
+
+/** convict's child messages read "name: must ...: value was ..." — make them "[i].name: must ...". */
+function describeChildError(msg: string): string {
+  const first = msg.split('\n')[0];
+  const declared = /configuration param '([^']+)' not declared/.exec(first);
+  if (declared) return `.${declared[1]}: unknown key`;
+  return first.startsWith('must') ? `: ${first}` : `.${first}`;
+}
+
+export function lunChild() {
+  return convict<LunConfig>(lunSchema as convict.Schema<LunConfig>);
+}
+
+export const schema = {
+  site: {
+    doc: 'This site\'s name; the peer checks it on every mirror connection and heartbeat.',
+    format: (v: unknown) => {
+      if (typeof v !== 'string' || !LUN_NAME.test(v)) throw new Error('must be 1-128 letters, digits, ".", "_" or "-"');
+    },
+    default: '',
+    env: 'NBD_MIRROR_SITE',
+  },
+  listen: {
+    host: { doc: 'Address the NBD listener binds (hosts connect here).', format: 'host', default: '127.0.0.1', env: 'NBD_MIRROR_LISTEN_HOST' },
+    port: { doc: 'NBD listener TCP port (10809 is the IANA NBD port; 0 picks a free one).', format: 'port', default: 10809, env: 'NBD_MIRROR_LISTEN_PORT' },
+  },
+  dataDir: {
+    doc: 'Directory for journals and per-LUN metadata; created if missing.',
+    format: (v: unknown) => {
+      if (typeof v !== 'string' || v.length === 0) throw new Error('must be a non-empty path');
+    },
+    default: '/var/lib/nbd-mirror',
+    env: 'NBD_MIRROR_DATA_DIR',
+  },
+  admin: {
+    host: { doc: 'Address of the admin HTTP endpoint (status, metrics). Keep it on loopback.', format: 'host', default: '127.0.0.1', env: 'NBD_MIRROR_ADMIN_HOST' },
+    port: { doc: 'Admin HTTP port (0 picks a free one).', format: 'port', default: 10811, env: 'NBD_MIRROR_ADMIN_PORT' },
+  },
+  luns: {
+    doc: 'The LUNs this site exports: [{ name, path, role, mirror, readOnly, description }].',
+    format: 'lun-array',
+    default: [] as LunConfig[],
+  },
+  shutdownTimeoutMs: {
+    doc: 'On SIGTERM, how long in-flight requests may take before connections are closed anyway.',
+    format: 'nat',
+    default: 10000,
+    env: 'NBD_MIRROR_SHUTDOWN_TIMEOUT_MS',
+  },
+  log: {
+    level: { doc: 'Log level.', format: ['error', 'warn', 'info', 'debug'], default: 'info', env: 'NBD_MIRROR_LOG_LEVEL' },
+    format: {
+      doc: 'json (one object per line, for journald), pretty (for a terminal), or auto (pretty on a TTY).',
+      format: ['json', 'pretty', 'auto'],
+      default: 'auto',
+      env: 'NBD_MIRROR_LOG_FORMAT',
+    },
+  },
+};
+
+export interface SiteConfig {
+  site: string;
+  listen: { host: string; port: number };
+  dataDir: string;
+  admin: { host: string; port: number };
+  luns: LunConfig[];
+  shutdownTimeoutMs: number;
+  log: { level: 'error' | 'warn' | 'info' | 'debug'; format: 'json' | 'pretty' | 'auto' };
+}

@@ -1,0 +1,81 @@
+// One LUN: its backing store and the write path hosts see through NBD. Mirroring policy
+// (sync / async / journal) wraps these operations without the NBD layer knowing.
+import type { Backing, Extent } from '../storage/backing.js';
+
+export type Role = 'primary' | 'secondary';
+export type MirrorMode = 'sync' | 'async' | 'none';
+
+export interface LunSpec {
+  name: string;
+  path: string;
+  role: Role;
+  mirror: MirrorMode;
+  readOnly: boolean;
+  description: string;
+}
+
+export interface LunCounters {
+  readOps: number; readBytes: number;
+  writeOps: number; writeBytes: number;
+  trimOps: number; zeroOps: number; flushOps: number;
+  errors: number;
+}
+
+export interface ZeroOptions { mayPunch: boolean; fastOnly: boolean; fua: boolean }
+
+export class Lun {
+  readonly counters: LunCounters = {
+    readOps: 0, readBytes: 0, writeOps: 0, writeBytes: 0, trimOps: 0, zeroOps: 0, flushOps: 0, errors: 0,
+  };
+
+  constructor(readonly spec: LunSpec, readonly backing: Backing) {}
+
+  get name(): string { return this.spec.name; }
+  get size(): number { return this.backing.size; }
+  /** What hosts may do: a secondary is exported read-only, as is an explicitly read-only LUN. */
+  get readOnly(): boolean { return this.spec.readOnly || this.spec.role === 'secondary'; }
+  get description(): string { return this.spec.description; }
+
+  read(buf: Buffer, pos: number): Promise<void> {
+    this.counters.readOps++;
+    this.counters.readBytes += buf.length;
+    return this.backing.read(buf, pos);
+  }
+
+  async write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
+    this.counters.writeOps++;
+    this.counters.writeBytes += buf.length;
+    await this.backing.write(buf, pos);
+    if (fua) await this.backing.flush();
+  }
+
+  async flush(): Promise<void> {
+    this.counters.flushOps++;
+    await this.backing.flush();
+  }
+
+  async trim(pos: number, len: number, fua: boolean): Promise<void> {
+    this.counters.trimOps++;
+    await this.backing.trim(pos, len);
+    if (fua) await this.backing.flush();
+  }
+
+  async zero(pos: number, len: number, opts: ZeroOptions): Promise<void> {
+    this.counters.zeroOps++;
+    await this.backing.zero(pos, len, opts.mayPunch, opts.fastOnly);
+    if (opts.fua) await this.backing.flush();
+  }
+
+  cache(pos: number, len: number): Promise<void> {
+    return this.backing.cache(pos, len);
+  }
+
+  extents(pos: number, len: number, max: number): Extent[] {
+    return this.backing.extents(pos, len, max);
+  }
+
+  async close(): Promise<void> {
+    await this.backing.flush().catch(() => undefined);
+    await this.backing.close();
+  }
+}

@@ -1,0 +1,107 @@
+// The NBD listener: accepts host connections, runs the handshake, then hands each connection
+// to a Transmission. Owns connection lifetimes and graceful shutdown.
+import net from 'node:net';
+import type { Logger } from '../log.js';
+import type { LunRegistry } from '../lun/registry.js';
+import { negotiate, NegotiationEnded } from './handshake.js';
+import { ConnectionClosed } from './socket-reader.js';
+import { Transmission, type ProtocolViolation } from './transmission.js';
+
+interface Connection {
+  socket: net.Socket;
+  peer: string;
+  lun: string | null;
+  transmission: Transmission | null;
+}
+
+export class NbdServer {
+  private readonly server: net.Server;
+  private readonly connections = new Set<Connection>();
+  private shuttingDown = false;
+
+  constructor(private readonly luns: LunRegistry, private readonly log: Logger) {
+    this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+  }
+
+  listen(host: string, port: number): Promise<net.AddressInfo> {
+    return new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(port, host, () => {
+        this.server.off('error', reject);
+        resolve(this.server.address() as net.AddressInfo);
+      });
+    });
+  }
+
+  /** Host connections per LUN, for status. */
+  connectionCount(lun: string): number {
+    let n = 0;
+    for (const c of this.connections) if (c.lun === lun) n++;
+    return n;
+  }
+
+  /** Close the connections of one LUN (it is being removed). */
+  dropLun(lun: string): void {
+    for (const c of this.connections) if (c.lun === lun) c.socket.destroy();
+  }
+
+  private accept(socket: net.Socket): void {
+    const conn: Connection = { socket, peer: `${socket.remoteAddress}:${socket.remotePort}`, lun: null, transmission: null };
+    this.connections.add(conn);
+    socket.on('error', (err) => this.log.debug('host connection error', { peer: conn.peer, error: err.message }));
+    socket.on('close', () => {
+      this.connections.delete(conn);
+      if (conn.lun) this.log.debug('host disconnected', { peer: conn.peer, lun: conn.lun });
+    });
+    if (this.shuttingDown) {
+      socket.destroy();
+      return;
+    }
+    negotiate(socket, { luns: this.luns, isShuttingDown: () => this.shuttingDown }).then(
+      (session) => {
+        if (socket.destroyed) return;
+        conn.lun = session.lun.name;
+        conn.transmission = new Transmission(socket, session, (v) => this.violation(conn, v));
+        if (this.shuttingDown) conn.transmission.drain();
+        this.log.debug('host connected', { peer: conn.peer, lun: conn.lun, structured: session.structured });
+      },
+      (err: Error) => {
+        if (err instanceof NegotiationEnded) this.log.info('handshake ended', { peer: conn.peer, reason: err.message });
+        else if (!(err instanceof ConnectionClosed)) this.log.warn('handshake failed', { peer: conn.peer, error: err.message });
+        socket.end();
+        socket.destroySoon();
+      },
+    );
+  }
+
+  private violation(conn: Connection, v: ProtocolViolation): void {
+    this.log.warn('protocol violation, closing host connection', { peer: conn.peer, lun: conn.lun, reason: v.message });
+    conn.socket.destroy();
+  }
+
+  /**
+   * Graceful shutdown: stop accepting, answer new requests with ESHUTDOWN, let in-flight
+   * requests finish (up to timeoutMs), then close every connection.
+   */
+  async shutdown(timeoutMs: number): Promise<void> {
+    this.shuttingDown = true;
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    const idle: Promise<void>[] = [];
+    for (const c of this.connections) {
+      if (c.transmission) {
+        c.transmission.drain();
+        idle.push(c.transmission.idle());
+      }
+    }
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(true), timeoutMs); });
+    const late = await Promise.race([Promise.all(idle).then(() => false), timedOut]);
+    clearTimeout(timer);
+    if (late) this.log.warn('shutdown timeout: closing connections with requests still in flight', { timeoutMs });
+    // end() lets queued replies reach the client; a client that never closes its side is cut after a grace.
+    for (const c of this.connections) c.socket.end();
+    const grace = setTimeout(() => { for (const c of this.connections) c.socket.destroy(); }, 1000);
+    await closed;
+    clearTimeout(grace);
+  }
+}
