@@ -31,8 +31,10 @@ export function parseConfig(text: string, origin: string, env: NodeJS.ProcessEnv
   }
   const cfg = conf.getProperties();
   if (!cfg.site) throw new ConfigError(`${origin}: site: required (this site's name)`);
+  if (!('mirror' in raw)) cfg.mirror = null;
+  else checkMirror(cfg.mirror!, origin);
   cfg.luns = cfg.luns.map((l) => lunChild().load(l).getProperties());
-  checkLuns(cfg.luns, origin);
+  checkLuns(cfg, origin);
   return cfg;
 }
 
@@ -46,7 +48,18 @@ export function loadConfig(file: string): SiteConfig {
   return parseConfig(text, file);
 }
 
-function checkLuns(luns: LunConfig[], origin: string): void {
+function checkMirror(m: NonNullable<SiteConfig['mirror']>, origin: string): void {
+  if (m.connections < 1 || m.connections > 64) throw new ConfigError(`${origin}: mirror.connections: must be 1 to 64 (got ${m.connections})`);
+  const hb = m.heartbeat;
+  if (hb.intervalMs < 10) throw new ConfigError(`${origin}: mirror.heartbeat.intervalMs: must be at least 10`);
+  if (hb.timeoutMs <= hb.intervalMs) {
+    throw new ConfigError(`${origin}: mirror.heartbeat.timeoutMs: must exceed intervalMs (${hb.timeoutMs} <= ${hb.intervalMs})`);
+  }
+  if (m.asyncWindowBytes < 1024 * 1024) throw new ConfigError(`${origin}: mirror.asyncWindowBytes: must be at least 1 MiB`);
+}
+
+function checkLuns(cfg: SiteConfig, origin: string): void {
+  const luns: LunConfig[] = cfg.luns;
   const seen = new Set<string>();
   luns.forEach((lun, i) => {
     const key = `${origin}: luns[${i}]`;
@@ -56,6 +69,9 @@ function checkLuns(luns: LunConfig[], origin: string): void {
     seen.add(lun.name);
     if (lun.role === 'secondary' && lun.mirror !== 'none') {
       throw new ConfigError(`${key}.mirror: a secondary LUN has no mirror mode (got "${lun.mirror}")`);
+    }
+    if (!cfg.mirror && (lun.role === 'secondary' || lun.mirror !== 'none')) {
+      throw new ConfigError(`${key}: ${lun.role === 'secondary' ? 'a secondary LUN' : `mirror "${lun.mirror}"`} needs a "mirror" section (listener and peer)`);
     }
     let st: fs.Stats;
     try {

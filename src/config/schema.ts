@@ -112,6 +112,29 @@ export const schema = {
     format: 'lun-array',
     default: [] as LunConfig[],
   },
+  mirror: {
+    listen: {
+      host: { doc: 'Address of the mirror listener the peer\'s pool connects to (TCP) and heartbeats arrive at (UDP).', format: 'host', default: '127.0.0.1', env: 'NBD_MIRROR_MIRROR_LISTEN_HOST' },
+      port: { doc: 'Mirror listener port, TCP and UDP.', format: 'port', default: 10810, env: 'NBD_MIRROR_MIRROR_LISTEN_PORT' },
+    },
+    peer: {
+      host: { doc: 'The peer site\'s mirror host.', format: 'host', default: '127.0.0.1', env: 'NBD_MIRROR_PEER_HOST' },
+      port: { doc: 'The peer site\'s mirror port (TCP pool and UDP heartbeats).', format: 'port', default: 10810, env: 'NBD_MIRROR_PEER_PORT' },
+      site: { doc: 'The peer\'s site name, checked on every connection; empty accepts any name but our own.', format: String, default: '', env: 'NBD_MIRROR_PEER_SITE' },
+    },
+    connections: { doc: 'TCP connections in the pool toward the peer (the connection array).', format: 'int', default: 4, env: 'NBD_MIRROR_CONNECTIONS' },
+    connectTimeoutMs: { doc: 'How long one pool connection may take to connect and exchange hellos.', format: 'nat', default: 5000 },
+    reconnectMs: { doc: 'Pause between attempts to bring the pool up while the peer is unreachable.', format: 'nat', default: 1000 },
+    asyncWindowBytes: {
+      doc: 'async mode: bytes of mirror requests in flight per LUN before new host writes wait (back-pressure).',
+      format: 'nat', default: 64 * 1024 * 1024, env: 'NBD_MIRROR_ASYNC_WINDOW_BYTES',
+    },
+    heartbeat: {
+      intervalMs: { doc: 'UDP heartbeat period.', format: 'nat', default: 1500 },
+      timeoutMs: { doc: 'Silence after which the link is declared down and the pool closed.', format: 'nat', default: 4000 },
+      probationMs: { doc: 'Uninterrupted heartbeats required after an outage before reconnecting.', format: 'nat', default: 10000 },
+    },
+  },
   shutdownTimeoutMs: {
     doc: 'On SIGTERM, how long in-flight requests may take before connections are closed anyway.',
     format: 'nat',
@@ -129,8 +152,20 @@ export const schema = {
   },
 };
 
+export interface MirrorConfig {
+  listen: { host: string; port: number };
+  peer: { host: string; port: number; site: string };
+  connections: number;
+  connectTimeoutMs: number;
+  reconnectMs: number;
+  asyncWindowBytes: number;
+  heartbeat: { intervalMs: number; timeoutMs: number; probationMs: number };
+}
+
 export interface SiteConfig {
   site: string;
+  /** null when the file has no "mirror" section: the site runs alone. */
+  mirror: MirrorConfig | null;
   listen: { host: string; port: number };
   dataDir: string;
   admin: { host: string; port: number };

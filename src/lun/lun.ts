@@ -1,6 +1,9 @@
 // One LUN: its backing store and the write path hosts see through NBD. Mirroring policy
 // (sync / async / journal) wraps these operations without the NBD layer knowing.
+import { MIRROR_FLAG, MIRROR_OP } from '../mirror/wire.js';
 import type { Backing, Extent } from '../storage/backing.js';
+import type { LunMirror } from './lun-mirror.js';
+import { OverlapGate } from './overlap-gate.js';
 
 export type Role = 'primary' | 'secondary';
 export type MirrorMode = 'sync' | 'async' | 'none';
@@ -27,6 +30,9 @@ export class Lun {
   readonly counters: LunCounters = {
     readOps: 0, readBytes: 0, writeOps: 0, writeBytes: 0, trimOps: 0, zeroOps: 0, flushOps: 0, errors: 0,
   };
+  /** The sending half of the mirror (primary LUNs with mode sync/async). */
+  mirror: LunMirror | null = null;
+  private readonly gate = new OverlapGate();
 
   constructor(readonly spec: LunSpec, readonly backing: Backing) {}
 
@@ -45,25 +51,74 @@ export class Lun {
   async write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
     this.counters.writeOps++;
     this.counters.writeBytes += buf.length;
-    await this.backing.write(buf, pos);
-    if (fua) await this.backing.flush();
+    const m = this.mirror;
+    if (!m?.active) {
+      await this.backing.write(buf, pos);
+      if (fua) await this.backing.flush();
+      return;
+    }
+    await m.admit(buf.length);
+    const token = await this.gate.enter(pos, buf.length);
+    // Local I/O and the mirror request run in parallel; the mode decides what the host waits for.
+    const remote = m.send(MIRROR_OP.WRITE, fua ? MIRROR_FLAG.FUA : 0, pos, buf.length, buf);
+    const seq = m.lastSeq;
+    try {
+      await this.backing.write(buf, pos);
+      if (fua) await this.backing.flush();
+    } catch (err) {
+      m.localFailed(seq, err as Error);
+      throw err;
+    } finally {
+      m.localDone(seq);
+      this.gate.leave(token);
+    }
+    if (m.mode === 'sync') await remote;   // a peer failure degrades the LUN; the host keeps its local result
   }
 
   async flush(): Promise<void> {
     this.counters.flushOps++;
-    await this.backing.flush();
+    const m = this.mirror;
+    if (!m?.active) return this.backing.flush();
+    // A host FLUSH covers both copies (async too, while the peer is reachable).
+    await Promise.all([this.backing.flush(), m.flush()]);
   }
 
+  /** TRIM. On a mirrored LUN it becomes a punch-hole zero, so both copies read the same. */
   async trim(pos: number, len: number, fua: boolean): Promise<void> {
     this.counters.trimOps++;
-    await this.backing.trim(pos, len);
-    if (fua) await this.backing.flush();
+    if (!this.mirror?.active) {
+      await this.backing.trim(pos, len);
+      if (fua) await this.backing.flush();
+      return;
+    }
+    await this.zeroMirrored(pos, len, true, false, fua);
   }
 
   async zero(pos: number, len: number, opts: ZeroOptions): Promise<void> {
     this.counters.zeroOps++;
-    await this.backing.zero(pos, len, opts.mayPunch, opts.fastOnly);
-    if (opts.fua) await this.backing.flush();
+    if (!this.mirror?.active) {
+      await this.backing.zero(pos, len, opts.mayPunch, opts.fastOnly);
+      if (opts.fua) await this.backing.flush();
+      return;
+    }
+    await this.zeroMirrored(pos, len, opts.mayPunch, opts.fastOnly, opts.fua);
+  }
+
+  /** Zeroing may fail locally (FAST_ZERO): do it first, and mirror only what happened. */
+  private async zeroMirrored(pos: number, len: number, mayPunch: boolean, fastOnly: boolean, fua: boolean): Promise<void> {
+    const m = this.mirror!;
+    const token = await this.gate.enter(pos, len);
+    let remote: Promise<number>;
+    try {
+      await this.backing.zero(pos, len, mayPunch, fastOnly);
+      if (fua) await this.backing.flush();
+      const flags = (mayPunch ? MIRROR_FLAG.MAY_PUNCH : 0) | (fua ? MIRROR_FLAG.FUA : 0);
+      remote = m.send(MIRROR_OP.WRITE_ZEROES, flags, pos, len, null);
+      m.localDone(m.lastSeq);
+    } finally {
+      this.gate.leave(token);
+    }
+    if (m.mode === 'sync') await remote;
   }
 
   cache(pos: number, len: number): Promise<void> {

@@ -21,6 +21,11 @@ export class LunRegistry {
     return this.byName.get(name);
   }
 
+  /** Exact lookup (no default): what the mirror pairs by. */
+  get(name: string): Lun | undefined {
+    return this.byName.get(name);
+  }
+
   all(): Lun[] {
     return [...this.byName.values()];
   }

@@ -12,7 +12,7 @@ import {
 import {
   clientFlags, encode, exportNameReply, greeting, infoBlockSize, infoExport, optionHeader, optionReplyHeader,
 } from './layouts.js';
-import { SocketReader } from './socket-reader.js';
+import { SocketReader } from '../net/socket-reader.js';
 
 /** What transmission needs from a finished negotiation. */
 export interface Session {

@@ -4,7 +4,7 @@ import net from 'node:net';
 import type { Logger } from '../log.js';
 import type { LunRegistry } from '../lun/registry.js';
 import { negotiate, NegotiationEnded } from './handshake.js';
-import { ConnectionClosed } from './socket-reader.js';
+import { ConnectionClosed } from '../net/socket-reader.js';
 import { Transmission, type ProtocolViolation } from './transmission.js';
 
 interface Connection {

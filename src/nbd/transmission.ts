@@ -9,6 +9,7 @@ import {
   NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN, REPLY_FLAG_DONE, REPLY_TYPE, REQUEST_HEADER_SIZE, REQUEST_MAGIC,
   SIMPLE_REPLY_MAGIC, SIMPLE_REPLY_SIZE, STATE_HOLE, STATE_ZERO, STRUCTURED_HEADER_SIZE, STRUCTURED_REPLY_MAGIC,
 } from './constants.js';
+import { DISCARD, FrameParser, STOP, type FrameSink } from '../net/frame-parser.js';
 import { nbdErrno } from './errors.js';
 import type { Session } from './handshake.js';
 
@@ -47,15 +48,9 @@ export interface Request {
 /** Why a connection was dropped for a protocol violation (reported once by the server). */
 export class ProtocolViolation extends Error {}
 
-const enum Phase { Header, Payload, Discard, Stopped }
-
-export class Transmission {
-  private phase = Phase.Header;
-  private readonly header = Buffer.allocUnsafe(REQUEST_HEADER_SIZE);
-  private headerFill = 0;
+export class Transmission implements FrameSink {
+  private readonly parser = new FrameParser(REQUEST_HEADER_SIZE, this);
   private current: Request | null = null;
-  private payloadFill = 0;
-  private discardLeft = 0;
   private inflight = 0;
   private inflightBytes = 0;
   private paused = false;
@@ -88,99 +83,48 @@ export class Transmission {
   // ---- framing ------------------------------------------------------------------------------
 
   private readonly onData = (chunk: Buffer): void => {
-    let at = 0;
-    while (at < chunk.length && this.phase !== Phase.Stopped) {
-      if (this.phase === Phase.Header) at = this.takeHeader(chunk, at);
-      else if (this.phase === Phase.Payload) at = this.takePayload(chunk, at);
-      else at = this.takeDiscard(chunk, at);
-    }
+    this.parser.push(chunk);
   };
 
-  private takeHeader(chunk: Buffer, at: number): number {
-    let src = chunk;
-    let base = at;
-    if (this.headerFill > 0 || chunk.length - at < REQUEST_HEADER_SIZE) {
-      const n = Math.min(REQUEST_HEADER_SIZE - this.headerFill, chunk.length - at);
-      chunk.copy(this.header, this.headerFill, at, at + n);
-      this.headerFill += n;
-      if (this.headerFill < REQUEST_HEADER_SIZE) return at + n;
-      this.headerFill = 0;
-      src = this.header;
-      base = 0;
-      at += n;
-    } else {
-      at += REQUEST_HEADER_SIZE;
+  onHeader(buf: Buffer, at: number): number {
+    if (buf.readUInt32BE(at) !== REQUEST_MAGIC) {
+      this.violate(`bad request magic 0x${buf.readUInt32BE(at).toString(16)}`);
+      return STOP;
     }
-    if (src.readUInt32BE(base) !== REQUEST_MAGIC) {
-      this.violate(`bad request magic 0x${src.readUInt32BE(base).toString(16)}`);
-      return chunk.length;
-    }
-    const offsetHi = src.readUInt32BE(base + 16);
+    const offsetHi = buf.readUInt32BE(at + 16);
     const req: Request = {
-      flags: src.readUInt16BE(base + 4),
-      type: src.readUInt16BE(base + 6),
-      cookieHi: src.readUInt32BE(base + 8),
-      cookieLo: src.readUInt32BE(base + 12),
-      offset: offsetHi >= 0x200000 ? Infinity : offsetHi * 0x100000000 + src.readUInt32BE(base + 20),
-      length: src.readUInt32BE(base + 24),
+      flags: buf.readUInt16BE(at + 4),
+      type: buf.readUInt16BE(at + 6),
+      cookieHi: buf.readUInt32BE(at + 8),
+      cookieLo: buf.readUInt32BE(at + 12),
+      offset: offsetHi >= 0x200000 ? Infinity : offsetHi * 0x100000000 + buf.readUInt32BE(at + 20),
+      length: buf.readUInt32BE(at + 24),
       payload: null,
     };
-    if (req.type === CMD.WRITE && req.length > 0) {
-      if (req.length > MAX_PAYLOAD) {
-        if (req.length > MAX_DISCARD) {
-          this.violate(`write payload of ${req.length} bytes`);
-          return chunk.length;
-        }
-        this.current = req;
-        this.discardLeft = req.length;
-        this.phase = Phase.Discard;
-        return at;
-      }
-      this.current = req;
-      this.payloadFill = 0;
-      this.phase = Phase.Payload;
-      return at;
-    }
-    this.dispatch(req);
-    return at;
+    this.current = req;
+    if (req.type !== CMD.WRITE) return 0;
+    if (req.length <= MAX_PAYLOAD) return req.length;
+    if (req.length <= MAX_DISCARD) return DISCARD(req.length);
+    this.violate(`write payload of ${req.length} bytes`);
+    return STOP;
   }
 
-  private takePayload(chunk: Buffer, at: number): number {
+  onFrame(payload: Buffer | null): void {
     const req = this.current!;
-    const avail = chunk.length - at;
-    if (req.payload === null && avail >= req.length) {
-      req.payload = chunk.subarray(at, at + req.length);   // whole payload in this chunk: no copy
-      return this.payloadDone(req, at + req.length);
-    }
-    if (req.payload === null) req.payload = Buffer.allocUnsafe(req.length);
-    const n = Math.min(req.length - this.payloadFill, avail);
-    chunk.copy(req.payload, this.payloadFill, at, at + n);
-    this.payloadFill += n;
-    return this.payloadFill === req.length ? this.payloadDone(req, at + n) : at + n;
-  }
-
-  private payloadDone(req: Request, at: number): number {
     this.current = null;
-    this.phase = Phase.Header;
+    req.payload = payload;
     this.dispatch(req);
-    return at;
   }
 
-  private takeDiscard(chunk: Buffer, at: number): number {
-    const n = Math.min(this.discardLeft, chunk.length - at);
-    this.discardLeft -= n;
-    if (this.discardLeft === 0) {
-      const req = this.current!;
-      this.current = null;
-      this.phase = Phase.Header;
-      this.begin(req);
-      this.finish(req, NBD_EINVAL);
-    }
-    return at + n;
+  onDiscarded(): void {
+    const req = this.current!;
+    this.current = null;
+    this.begin(req);
+    this.finish(req, NBD_EINVAL);
   }
 
   private violate(reason: string): void {
-    this.phase = Phase.Stopped;
+    this.parser.stop();
     this.socket.off('data', this.onData);
     this.onViolation(new ProtocolViolation(reason));
   }
@@ -190,7 +134,7 @@ export class Transmission {
   private dispatch(req: Request): void {
     if (req.type === CMD.DISC) {
       // Finish what is in flight, then close; nothing after DISC is read.
-      this.phase = Phase.Stopped;
+      this.parser.stop();
       this.socket.off('data', this.onData);
       void this.idle().then(() => this.socket.end());
       return;

@@ -1,0 +1,209 @@
+// The mirror listener (the peer's pool connects here) and its per-connection handlers, which
+// apply requests to this site's secondary LUNs in the order the primary fixed.
+import net from 'node:net';
+import type { Logger } from '../log.js';
+import type { Lun } from '../lun/lun.js';
+import type { LunRegistry } from '../lun/registry.js';
+import { nbdErrno } from '../nbd/errors.js';
+import { FrameParser, STOP, type FrameSink } from '../net/frame-parser.js';
+import { SocketReader } from '../net/socket-reader.js';
+import { ApplyOrder } from './apply-order.js';
+import {
+  decodeHello, encodeHello, HELLO_ANSWER, HELLO_OFFER, MAX_HELLO_LENGTH, MAX_MIRROR_PAYLOAD, MIRROR_FLAG, MIRROR_OP,
+  PAIR, readRequestHeader, REPLY_SIZE, REQUEST_HEADER_SIZE, writeReply, type LunAnswer, type LunOffer,
+  type MirrorRequestHeader,
+} from './wire.js';
+
+const EINVAL = 22;
+
+/** Per secondary LUN: who feeds it and in what order. Survives reconnections. */
+export interface SecondaryState {
+  order: ApplyOrder;
+  feeder: string | null;
+  connections: number;
+  applied: { ops: number; bytes: number; flushes: number; errors: number };
+}
+
+interface Target { lun: Lun; state: SecondaryState; size: number }
+
+export interface ReceiverOptions {
+  site: string;
+  /** Expected peer site name; '' accepts any name but our own. */
+  peerSite: string;
+}
+
+export class MirrorReceiver {
+  private readonly server: net.Server;
+  private readonly sockets = new Set<net.Socket>();
+  readonly secondaries = new Map<string, SecondaryState>();
+
+  constructor(private readonly luns: LunRegistry, private readonly opts: ReceiverOptions, private readonly log: Logger) {
+    this.server = net.createServer({ noDelay: true }, (s) => this.accept(s));
+  }
+
+  listen(host: string, port: number): Promise<net.AddressInfo> {
+    return new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(port, host, () => {
+        this.server.off('error', reject);
+        resolve(this.server.address() as net.AddressInfo);
+      });
+    });
+  }
+
+  stateOf(lun: string): SecondaryState {
+    let s = this.secondaries.get(lun);
+    if (!s) {
+      s = { order: new ApplyOrder(), feeder: null, connections: 0, applied: { ops: 0, bytes: 0, flushes: 0, errors: 0 } };
+      this.secondaries.set(lun, s);
+    }
+    return s;
+  }
+
+  private async accept(socket: net.Socket): Promise<void> {
+    const peer = `${socket.remoteAddress}:${socket.remotePort}`;
+    this.sockets.add(socket);
+    socket.on('error', () => undefined);
+    socket.on('close', () => this.sockets.delete(socket));
+    const reader = new SocketReader(socket);
+    try {
+      const len = (await reader.read(4)).readUInt32BE(0);
+      if (len > MAX_HELLO_LENGTH) throw new Error(`hello of ${len} bytes`);
+      const hello = decodeHello(await reader.read(len));
+      if (hello.kind !== HELLO_OFFER) throw new Error('expected an offer hello');
+      if (hello.site === this.opts.site) throw new Error(`peer claims our own site name "${hello.site}"`);
+      if (this.opts.peerSite && hello.site !== this.opts.peerSite) {
+        throw new Error(`peer is site "${hello.site}", expected "${this.opts.peerSite}"`);
+      }
+      const targets = new Map<number, Target>();
+      const answers = hello.offers.map((o) => this.pair(o, hello.site, targets));
+      socket.write(encodeHello({ kind: HELLO_ANSWER, site: this.opts.site, session: hello.session, offers: [], answers }));
+      const handler = new ReceiverConnection(socket, targets, peer, this.log);
+      for (const t of targets.values()) t.state.connections++;
+      socket.on('close', () => {
+        for (const t of targets.values()) {
+          t.state.connections--;
+          if (t.state.connections === 0) t.state.feeder = null;
+        }
+      });
+      handler.start(reader.detach());
+    } catch (err) {
+      reader.detach();
+      this.log.warn('mirror connection refused', { peer, reason: (err as Error).message });
+      socket.destroy();
+    }
+  }
+
+  /** Decide whether an offered primary LUN may feed our LUN of the same name. */
+  private pair(offer: LunOffer, site: string, targets: Map<number, Target>): LunAnswer {
+    const lun = this.luns.get(offer.name);
+    const answer = (status: number): LunAnswer => ({ id: offer.id, status, size: lun?.size ?? 0 });
+    let status: number = PAIR.OK;
+    if (!lun) status = PAIR.MISSING;
+    else if (lun.spec.role !== 'secondary') status = PAIR.NOT_SECONDARY;
+    else if (lun.size < offer.size) status = PAIR.SMALLER;
+    else {
+      const state = this.stateOf(lun.name);
+      if (state.feeder && state.feeder !== site) status = PAIR.DUPLICATE;
+      else {
+        state.feeder = site;
+        state.order.resume(offer.instance, offer.nextSeq);
+        targets.set(offer.id, { lun, state, size: offer.size });
+      }
+    }
+    if (status !== PAIR.OK) this.log.warn('mirror LUN refused', { lun: offer.name, from: site, status });
+    return answer(status);
+  }
+
+  async close(): Promise<void> {
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    for (const s of this.sockets) s.destroy();
+    await closed;
+  }
+}
+
+/** One pool connection from the peer: parse, validate, order, apply, answer. */
+class ReceiverConnection implements FrameSink {
+  private readonly parser = new FrameParser(REQUEST_HEADER_SIZE, this);
+  private current: MirrorRequestHeader | null = null;
+
+  constructor(
+    private readonly socket: net.Socket,
+    private readonly targets: Map<number, Target>,
+    private readonly peer: string,
+    private readonly log: Logger,
+  ) {}
+
+  start(leftover: Buffer): void {
+    this.socket.on('data', (chunk: Buffer) => this.parser.push(chunk));
+    if (leftover.length) this.parser.push(leftover);
+  }
+
+  onHeader(buf: Buffer, at: number): number {
+    const h = readRequestHeader(buf, at);
+    if (!h) return this.violate('bad mirror request header');
+    this.current = h;
+    if (h.type !== MIRROR_OP.WRITE) return 0;
+    if (h.length > MAX_MIRROR_PAYLOAD) return this.violate(`mirror write of ${h.length} bytes`);
+    return h.length;
+  }
+
+  onFrame(payload: Buffer | null): void {
+    const h = this.current!;
+    this.current = null;
+    const target = this.targets.get(h.lunId);
+    if (!target || !this.valid(h, target)) {
+      if (target) target.state.applied.errors++;
+      return this.answer(h.reqId, EINVAL);
+    }
+    void this.apply(h, payload, target);
+  }
+
+  onDiscarded(): void { /* nothing is discarded on this wire */ }
+
+  private valid(h: MirrorRequestHeader, t: Target): boolean {
+    if (h.type === MIRROR_OP.FLUSH) return true;
+    if (h.type !== MIRROR_OP.WRITE && h.type !== MIRROR_OP.WRITE_ZEROES && h.type !== MIRROR_OP.TRIM) return false;
+    return h.seq > 0 && h.length > 0 && h.offset + h.length <= t.size;
+  }
+
+  private async apply(h: MirrorRequestHeader, payload: Buffer | null, t: Target): Promise<void> {
+    const { order, applied } = t.state;
+    const backing = t.lun.backing;
+    try {
+      if (h.type === MIRROR_OP.FLUSH) {
+        await backing.flush();
+        applied.flushes++;
+        return this.answer(h.reqId, 0);
+      }
+      if (order.isApplied(h.seq)) return this.answer(h.reqId, 0);
+      const wait = order.ready(h.dep);
+      if (wait) await wait;
+      if (h.type === MIRROR_OP.WRITE) await backing.write(payload!, h.offset);
+      else await backing.zero(h.offset, h.length, (h.flags & MIRROR_FLAG.MAY_PUNCH) !== 0, false);
+      if (h.flags & MIRROR_FLAG.FUA) await backing.flush();
+      order.applied(h.seq);
+      applied.ops++;
+      applied.bytes += h.length;
+      this.answer(h.reqId, 0);
+    } catch (err) {
+      applied.errors++;
+      this.log.error('applying a mirror request failed', { lun: t.lun.name, seq: h.seq, error: (err as Error).message });
+      this.answer(h.reqId, nbdErrno(err));
+    }
+  }
+
+  private answer(reqId: number, errno: number): void {
+    if (this.socket.destroyed) return;
+    const out = Buffer.allocUnsafe(REPLY_SIZE);
+    writeReply(out, 0, reqId, errno);
+    this.socket.write(out);
+  }
+
+  private violate(reason: string): number {
+    this.log.warn('mirror protocol violation, closing connection', { peer: this.peer, reason });
+    this.socket.destroy();
+    return STOP;
+  }
+}
+
