@@ -639,6 +639,7 @@ async function runTarget(target, ctx) {
     log(`${target.name}: starting`);
     server = await target.start(ctx);
     result.export = await probeExport(server);
+    if (typeof server.sawReady === 'function') result.sawReadyLine = server.sawReady();
     if (result.export.size < ctx.imageBytes) throw new Error(`export size ${result.export.size} < image size ${ctx.imageBytes}`);
     log(`${target.name}: ready on ${server.uri} (multi-conn: ${result.export.can_multi_conn ?? '?'})`);
   } catch (err) {

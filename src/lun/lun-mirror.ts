@@ -132,8 +132,12 @@ export class LunMirror {
 
   /** A request was answered (or failed): bookkeeping, window, barriers, failure handling. */
   completed(op: PendingOp, errno: number): void {
+    if (op.type === MIRROR_OP.FLUSH) {
+      // Every write before the flush was answered already; a flush the link cut off loses none.
+      if (errno !== 0 && errno !== ENOTCONN) this.failed(op, errno);
+      return;
+    }
     if (errno !== 0) this.failed(op, errno);
-    if (op.type === MIRROR_OP.FLUSH) return;
     this.inflightBytes -= op.length;
     this.answered.add(op.seq);
     while (this.answered.delete(this.ackedPrefix + 1)) this.ackedPrefix++;
@@ -149,8 +153,8 @@ export class LunMirror {
     this.stats.failures++;
     if (this.state !== 'degraded') {
       const why = errno === ENOTCONN ? 'a mirror request was cut off by the link failure'
-        : `the peer failed a mirror request (errno ${errno})`;
-      this.transition('degraded', `${why}; the secondary is missing writes from seq ${op.seq}`);
+        : `the peer failed a mirror ${op.type === MIRROR_OP.FLUSH ? 'flush' : 'request'} (errno ${errno})`;
+      this.transition('degraded', op.type === MIRROR_OP.FLUSH ? why : `${why}; the secondary may lack writes from seq ${op.seq}`);
     }
   }
 

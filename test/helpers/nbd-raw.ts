@@ -264,7 +264,7 @@ export class RawNbdClient {
     for (;;) {
       const r = await this.readOptionReply();
       if (r.option !== OPT.GO) throw new Error(`option reply for ${r.option}, expected NBD_OPT_GO`);
-      if (r.type & REP.ERR_BIT) throw new Error(`NBD_OPT_GO(${exportName}) failed: reply type 0x${r.type.toString(16)} ${r.data.subarray(0).toString('utf8')}`);
+      if (r.type & REP.ERR_BIT) throw new Error(`NBD_OPT_GO(${exportName}) failed: reply type 0x${r.type.toString(16)} ${r.data.toString('utf8')}`);
       if (r.type === REP.INFO && r.data.length >= 12 && r.data.readUInt16BE(0) === INFO_EXPORT) {
         info = { size: r.data.readBigUInt64BE(2), transmissionFlags: r.data.readUInt16BE(10) };
       } else if (r.type === REP.ACK) {

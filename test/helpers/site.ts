@@ -42,11 +42,16 @@ export interface SiteConfig {
 }
 
 /** Everything but `luns` may be omitted: ports default to free ports, dataDir to a temp dir. */
-export type SiteConfigInput = Partial<Omit<SiteConfig, 'listen' | 'admin' | 'luns'>> & {
+export interface SiteConfigInput {
+  site?: string;
+  listen?: { host?: string; port?: number };
+  dataDir?: string;
+  admin?: { host?: string; port?: number };
   luns: LunConfig[];
-  listen?: Partial<SiteConfig['listen']>;
-  admin?: Partial<SiteConfig['admin']>;
-};
+  log?: { level: string };
+  /** Passed through to the config file unchanged. */
+  [key: string]: unknown;
+}
 
 export interface StartSiteOptions {
   /** How long to wait for the "ready" log line. Default 20 s. */
@@ -110,7 +115,8 @@ function isReadyLine(line: string): boolean {
   if (!line.startsWith('{')) return false;
   try {
     const obj = JSON.parse(line) as { msg?: unknown; message?: unknown };
-    return obj.msg === 'ready';
+    // The brief says "msg"; winston's JSON format calls the field "message". Accept both.
+    return obj.msg === 'ready' || obj.message === 'ready';
   } catch {
     return false;
   }

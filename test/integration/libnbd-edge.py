@@ -15,6 +15,7 @@ Layout used inside the RW export (all offsets in MiB):
   12     zero FAST_ZERO                   14  zero NO_HOLE|FAST_ZERO
   16-20  block status (data only in [17, 18))
   24     multi-conn
+  20-60  trim/zero/cache/block status longer than the max payload (after the checks above)
   32-64  32 MiB (= max payload) write/read
 """
 import errno
@@ -84,7 +85,9 @@ def flags_over(ext, start, end):
 
 
 def pattern(n, seed):
-    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+    """Byte i is (i * 7 + seed) & 0xff (period 256)."""
+    block = bytes((i * 7 + seed) & 0xFF for i in range(256))
+    return (block * (n // 256 + 1))[:n]
 
 
 def is_zero(b):
@@ -105,7 +108,7 @@ try:
         "block_size": [h.get_block_size(nbd.SIZE_MINIMUM), h.get_block_size(nbd.SIZE_PREFERRED), h.get_block_size(nbd.SIZE_MAXIMUM)],
     }
 
-    # --- out of range ---------------------------------------------------------------------------
+    # --- out of range ---
     record("read_past_end", attempt(lambda: len(h.pread(4096, size - 1024))))
     record("read_at_end", attempt(lambda: len(h.pread(1, size))))
     record("write_past_end", attempt(lambda: h.pwrite(b"\x55" * 4096, size - 1024)))
@@ -116,12 +119,12 @@ try:
     # The connection must still be usable after those errors.
     record("usable_after_errors", attempt(lambda: len(h.pread(4096, 0))))
 
-    # --- bad flags ------------------------------------------------------------------------------
+    # --- bad flags ---
     # Bit 14 is not a defined command flag.
     record("read_unknown_flag", attempt(lambda: len(h.pread(512, 0, 1 << 14))))
     record("write_unknown_flag", attempt(lambda: h.pwrite(b"\x01" * 512, 0, 1 << 14)))
 
-    # --- payload size limits --------------------------------------------------------------------
+    # --- payload size limits ---
     big = pattern(MAX_PAYLOAD, 3)
     record("write_max_payload", attempt(lambda: h.pwrite(big, 32 * MiB)))
     record("read_max_payload", attempt(lambda: h.pread(MAX_PAYLOAD, 32 * MiB) == big))
@@ -129,7 +132,7 @@ try:
     record("read_over_max_payload", attempt(lambda: len(h.pread(MAX_PAYLOAD + 4096, 0))))
     record("usable_after_overflow", attempt(lambda: len(h.pread(4096, 0))))
 
-    # --- FUA write ------------------------------------------------------------------------------
+    # --- FUA write ---
     fua_data = pattern(20000, 11)
     r = record("fua_write", attempt(lambda: h.pwrite(fua_data, 12345, nbd.CMD_FLAG_FUA)))
     r["offset"] = 12345
@@ -137,7 +140,7 @@ try:
     r["seed"] = 11
     r["readback_matches"] = h.pread(len(fua_data), 12345) == fua_data
 
-    # --- trim -----------------------------------------------------------------------------------
+    # --- trim ---
     off = 4 * MiB
     h.pwrite(b"\xaa" * MiB, off)
     h.flush()
@@ -145,7 +148,7 @@ try:
     r["reads_zero"] = is_zero(h.pread(MiB, off))
     r["flags"] = flags_over(extents(h, MiB, off), off, off + MiB)
 
-    # --- write zeroes ---------------------------------------------------------------------------
+    # --- write zeroes ---
     for name, off, flags in [
         ("zero", 8 * MiB, 0),
         ("zero_no_hole", 10 * MiB, nbd.CMD_FLAG_NO_HOLE),
@@ -161,20 +164,19 @@ try:
         r = record(name, attempt(lambda: h.zero(MiB, off, flags)))
         data = h.pread(MiB, off)
         r["reads_zero"] = is_zero(data)
-        r["unchanged"] = data == b"\xbb" * MiB
         r["flags"] = flags_over(extents(h, MiB, off), off, off + MiB)
 
-    # --- cache ----------------------------------------------------------------------------------
+    # --- cache ---
     record("cache", attempt(lambda: h.cache(MiB, 0)))
 
-    # --- block status ---------------------------------------------------------------------------
+    # --- block status ---
     h.pwrite(b"\xcc" * MiB, 17 * MiB)
     h.flush()
     r = record("block_status", attempt(lambda: extents(h, 4 * MiB, 16 * MiB)))
     r = record("block_status_req_one_hole", attempt(lambda: extents(h, 4 * MiB, 16 * MiB, nbd.CMD_FLAG_REQ_ONE)))
     r = record("block_status_req_one_data", attempt(lambda: extents(h, 3 * MiB, 17 * MiB, nbd.CMD_FLAG_REQ_ONE)))
 
-    # --- multi-conn -----------------------------------------------------------------------------
+    # --- multi-conn ---
     h2 = connect(rw_export)
     mc_data = pattern(65536, 99)
     r = record("multi_conn", attempt(lambda: h.pwrite(mc_data, 24 * MiB)))
@@ -182,7 +184,16 @@ try:
     r["other_sees_data"] = h2.pread(len(mc_data), 24 * MiB) == mc_data
     h2.shutdown()
 
-    # --- read-only export -----------------------------------------------------------------------
+    # --- commands without payload, longer than the maximum payload ([20 MiB, 60 MiB)) ---
+    # The spec lets the server succeed or fail them (EOVERFLOW/EINVAL), but not hang up.
+    span = 40 * MiB
+    record("trim_over_max_payload", attempt(lambda: h.trim(span, 20 * MiB)))
+    record("zero_over_max_payload", attempt(lambda: h.zero(span, 20 * MiB)))
+    record("cache_over_max_payload", attempt(lambda: h.cache(span, 20 * MiB)))
+    record("block_status_over_max_payload", attempt(lambda: len(extents(h, span, 20 * MiB)) > 0))
+    record("usable_after_long_requests", attempt(lambda: len(h.pread(4096, 0))))
+
+    # --- read-only export ---
     ro = connect(ro_export)
     record("ro_is_read_only", {"ok": True, "errno": None, "value": ro.is_read_only()})
     record("ro_read", attempt(lambda: len(ro.pread(4096, 0))))
@@ -193,7 +204,7 @@ try:
 
     h.shutdown()
 
-    # --- write over the maximum payload (last: the server may hang up on it) --------------------
+    # --- write over the maximum payload (last: the server may hang up on it) ---
     h3 = connect(rw_export)
     r = record("write_over_max_payload", attempt(lambda: h3.pwrite(b"\x77" * (MAX_PAYLOAD + 4096), 0)))
     r["connection_dead"] = bool(h3.aio_is_dead() or h3.aio_is_closed())
