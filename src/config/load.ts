@@ -22,6 +22,10 @@ export function parseConfig(text: string, origin: string, env: NodeJS.ProcessEnv
   if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) {
     throw new ConfigError(`${origin}: must be a JSON object`);
   }
+  const luns = (raw as { luns?: unknown }).luns;
+  if (luns !== undefined && !Array.isArray(luns)) {
+    throw new ConfigError(`${origin}: luns: must be an array of LUN objects (got ${luns === null ? 'null' : typeof luns})`);
+  }
   const conf = convict<SiteConfig>(schema as unknown as convict.Schema<SiteConfig>, { env, args: [] });
   try {
     conf.load(raw);
@@ -90,6 +94,8 @@ function oneLine(message: string): string {
   return message
     .split('\n')
     .filter(Boolean)
+    // A LUN's own problem: "luns: [0].path: …: value was [whole array]" → "luns[0].path: …".
+    .map((line) => (/^luns: \[\d+\]/.test(line) ? line.replace(/^luns: \[(\d+)\]/, 'luns[$1]').replace(/: value was \[[^]*$/, '') : line))
     .map((line) => line.replace(/: value was (.{60}).+$/, ': value was $1…'))
     .map((line) => line.replace(/^configuration param '([^']+)' not declared in the schema$/, '$1: unknown key'))
     .join('; ');

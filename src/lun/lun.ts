@@ -43,9 +43,14 @@ export class Lun {
   get description(): string { return this.spec.description; }
 
   read(buf: Buffer, pos: number): Promise<void> {
-    this.counters.readOps++;
-    this.counters.readBytes += buf.length;
+    this.countRead(buf.length);
     return this.backing.read(buf, pos);
+  }
+
+  /** One host read of `len` bytes (a sparse read is served in pieces but counts once). */
+  countRead(len: number): void {
+    this.counters.readOps++;
+    this.counters.readBytes += len;
   }
 
   async write(buf: Buffer, pos: number, fua: boolean): Promise<void> {

@@ -20,7 +20,7 @@ const BY_CODE: Record<string, number> = {
 /** NBD error for a failed system call; anything unexpected is EIO, never "success". */
 export function nbdErrno(err: unknown): number {
   const code = (err as NodeJS.ErrnoException | null)?.code;
-  return (code && BY_CODE[code]) || NBD_EIO;
+  return code && Object.hasOwn(BY_CODE, code) ? BY_CODE[code] : NBD_EIO;
 }
 
 const NAMES: Record<number, string> = {

@@ -228,15 +228,14 @@ export class Transmission implements FrameSink {
         chunks.push(c);
       } else {
         const c = Buffer.allocUnsafe(STRUCTURED_HEADER_SIZE + 8 + e.length);
-        await this.lun.read(c.subarray(STRUCTURED_HEADER_SIZE + 8), pos);
+        await this.lun.backing.read(c.subarray(STRUCTURED_HEADER_SIZE + 8), pos);
         writeStructuredHeader(c, 0, 0, REPLY_TYPE.OFFSET_DATA, req, 8 + e.length);
         writeU64(c, STRUCTURED_HEADER_SIZE, pos);
         chunks.push(c);
       }
       pos += e.length;
     }
-    this.lun.counters.readOps++;
-    this.lun.counters.readBytes += req.length;
+    this.lun.countRead(req.length);
     const last = chunks[chunks.length - 1];
     last.writeUInt16BE(REPLY_FLAG_DONE, 4);
     this.send(chunks.length === 1 ? last : Buffer.concat(chunks), req);
