@@ -6,6 +6,9 @@ import type { LunConfig, SiteConfig } from './config/schema.js';
 import type { Logger } from './log.js';
 import { Lun } from './lun/lun.js';
 import { LunRegistry } from './lun/registry.js';
+import { Heartbeat } from './health/heartbeat.js';
+import { RegionBitmap } from './journal/bitmap.js';
+import { Journal, type JournalRecovery } from './journal/journal.js';
 import { MirrorReceiver } from './mirror/receiver.js';
 import { MirrorSender } from './mirror/sender.js';
 import { NbdServer } from './nbd/server.js';
@@ -17,6 +20,9 @@ export class Site {
   private readonly admin: AdminServer;
   private readonly receiver: MirrorReceiver | null = null;
   private readonly sender: MirrorSender | null = null;
+  private heartbeat: Heartbeat | null = null;
+  private readonly recoveries = new Map<string, JournalRecovery>();
+  private readonly stores: { journal: Journal; bitmap: RegionBitmap }[] = [];
   nbdAddress: AddressInfo | null = null;
   adminAddress: AddressInfo | null = null;
   mirrorAddress: AddressInfo | null = null;
@@ -25,8 +31,13 @@ export class Site {
     this.nbd = new NbdServer(this.luns, log);
     this.admin = new AdminServer(() => this.status());
     if (config.mirror) {
-      this.receiver = new MirrorReceiver(this.luns, { site: config.site, peerSite: config.mirror.peer.site }, log);
-      this.sender = new MirrorSender(config.site, config.mirror, log);
+      const m = config.mirror;
+      this.sender = new MirrorSender(config.site, m, log);
+      const monitor = this.sender.monitor;
+      this.receiver = new MirrorReceiver(this.luns, {
+        site: config.site, peerSite: m.peer.site, idleCheckMs: m.heartbeat.intervalMs,
+        peerAlive: () => monitor.silentForMs() <= m.heartbeat.timeoutMs,
+      }, log);
     }
   }
 
@@ -35,8 +46,17 @@ export class Site {
     try {
       fs.mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
       for (const lc of config.luns) await site.openLun(lc);
-      if (site.receiver) site.mirrorAddress = await site.receiver.listen(config.mirror!.listen.host, config.mirror!.listen.port);
-      site.sender?.start();
+      if (site.receiver) {
+        const m = config.mirror!;
+        site.mirrorAddress = await site.receiver.listen(m.listen.host, m.listen.port);
+        // Heartbeats use UDP on the same port number as the mirror's TCP listener.
+        site.heartbeat = new Heartbeat({
+          site: config.site, peerSite: m.peer.site, bindHost: m.listen.host, port: site.mirrorAddress.port,
+          peerHost: m.peer.host, peerPort: m.peer.port, intervalMs: m.heartbeat.intervalMs,
+        }, log);
+        site.sender!.start(site.heartbeat);
+        await site.heartbeat.start();
+      }
       site.nbdAddress = await site.nbd.listen(config.listen.host, config.listen.port);
       site.adminAddress = await site.admin.listen(config.admin.host, config.admin.port);
     } catch (err) {
@@ -51,11 +71,30 @@ export class Site {
     const backing = await Backing.open(lc.path, readOnly && lc.role !== 'secondary');
     const lun = new Lun({ ...lc }, backing);
     this.luns.add(lun);
-    if (lc.role === 'primary') this.sender?.attach(lun);
+    if (lc.role === 'primary' && lc.mirror !== 'none' && this.sender) await this.attachMirror(lun);
     this.log.info('LUN opened', {
       lun: lc.name, path: lc.path, size: backing.size, role: lc.role, mirror: lc.mirror,
       blockDevice: backing.isBlockDevice, readOnly,
     });
+  }
+
+  /** Open (and recover) a mirrored LUN's journal and bitmap under dataDir. */
+  private async attachMirror(lun: Lun): Promise<void> {
+    const m = this.config.mirror!;
+    const base = `${this.config.dataDir}/${lun.name}`;
+    const { journal, recovery } = await Journal.open(`${base}.journal`, lun.name, lun.size);
+    const bitmap = await RegionBitmap.open(`${base}.bitmap`, lun.size, m.journal.regionSize);
+    this.stores.push({ journal, bitmap });
+    this.recoveries.set(lun.name, recovery);
+    if (recovery.corrupt) {
+      this.log.error('journal corrupt: valid records kept, the rest is resynced from the dirty bitmap', {
+        lun: lun.name, offset: recovery.corrupt.offset, reason: recovery.corrupt.reason, savedAs: recovery.corrupt.savedAs,
+      });
+    } else if (recovery.tornTailBytes > 0) {
+      this.log.info('journal had a torn tail (a write cut off by a crash); dropped', { lun: lun.name, bytes: recovery.tornTailBytes });
+    }
+    const mirror = this.sender!.attach(lun, { journal, bitmap, maxJournalBytes: m.journal.maxBytes })!;
+    mirror.recover();
   }
 
   status() {
@@ -66,6 +105,8 @@ export class Site {
         listen: this.mirrorAddress,
         peer: this.sender.pool.peerSite || this.config.mirror!.peer.site,
         link: this.sender.pool.state,
+        health: this.sender.monitor.state,
+        heartbeat: this.heartbeat?.stats,
         connections: this.sender.pool.elements.map((e) => ({ index: e.index, status: e.status, lastSeen: e.lastSeen, inflight: e.inflight })),
       },
       luns: this.luns.all().map((lun) => this.lunStatus(lun)),
@@ -86,10 +127,15 @@ export class Site {
     }
     const m = lun.mirror;
     if (!m) return { ...base, state: 'standalone' };
+    const journal = m.journalStatus();
+    // While the link waits out its probation, a LUN with changes to send shows it.
+    const state = m.state === 'journaling' && this.sender!.monitor.state === 'probation' ? 'probation' : m.state;
     return {
-      ...base, state: m.state, reason: m.reason,
-      mirrored: { ops: m.stats.ops, bytes: m.stats.bytes, failures: m.stats.failures },
-      inflight: m.inflight, lagBytes: m.inflightBytes,
+      ...base, state, reason: m.reason, path: m.path,
+      mirrored: m.stats, inflight: m.inflight, lagBytes: m.inflightBytes,
+      journal, dirtyRegions: m.dirtyRegions, resyncPending: m.resyncNeeded.size,
+      progress: m.progress,
+      recovery: this.recoveries.get(lun.name) ?? null,
     };
   }
 
@@ -97,7 +143,12 @@ export class Site {
     await this.nbd.shutdown(this.config.shutdownTimeoutMs);
     await this.sender?.drain(this.config.shutdownTimeoutMs);
     this.sender?.stop();
+    await this.heartbeat?.stop();
     await this.receiver?.close();
+    for (const st of this.stores) {
+      await st.bitmap.close().catch(() => undefined);
+      await st.journal.close().catch(() => undefined);
+    }
     await this.admin.close();
     for (const lun of this.luns.all()) {
       try {

@@ -59,6 +59,11 @@ function checkMirror(m: NonNullable<SiteConfig['mirror']>, origin: string): void
   if (hb.timeoutMs <= hb.intervalMs) {
     throw new ConfigError(`${origin}: mirror.heartbeat.timeoutMs: must exceed intervalMs (${hb.timeoutMs} <= ${hb.intervalMs})`);
   }
+  const rs = m.journal.regionSize;
+  if (rs < 4096 || rs > 64 * 1024 * 1024 || (rs & (rs - 1)) !== 0) {
+    throw new ConfigError(`${origin}: mirror.journal.regionSize: must be a power of two from 4096 to 67108864 (got ${rs})`);
+  }
+  if (m.journal.maxBytes < 1024 * 1024) throw new ConfigError(`${origin}: mirror.journal.maxBytes: must be at least 1 MiB`);
   if (m.asyncWindowBytes < 1024 * 1024) throw new ConfigError(`${origin}: mirror.asyncWindowBytes: must be at least 1 MiB`);
 }
 

@@ -129,6 +129,16 @@ export const schema = {
       doc: 'async mode: bytes of mirror requests in flight per LUN before new host writes wait (back-pressure).',
       format: 'nat', default: 64 * 1024 * 1024, env: 'NBD_MIRROR_ASYNC_WINDOW_BYTES',
     },
+    journal: {
+      maxBytes: {
+        doc: 'Per-LUN journal limit. Beyond it the journal collapses into the dirty-region bitmap (resync after reconnect).',
+        format: 'nat', default: 1024 * 1024 * 1024, env: 'NBD_MIRROR_JOURNAL_MAX_BYTES',
+      },
+      regionSize: {
+        doc: 'Bytes per bit of the dirty-region bitmap (a power of two, 4 KiB to 64 MiB).',
+        format: 'nat', default: 64 * 1024, env: 'NBD_MIRROR_REGION_SIZE',
+      },
+    },
     heartbeat: {
       intervalMs: { doc: 'UDP heartbeat period.', format: 'nat', default: 1500 },
       timeoutMs: { doc: 'Silence after which the link is declared down and the pool closed.', format: 'nat', default: 4000 },
@@ -159,6 +169,7 @@ export interface MirrorConfig {
   connectTimeoutMs: number;
   reconnectMs: number;
   asyncWindowBytes: number;
+  journal: { maxBytes: number; regionSize: number };
   heartbeat: { intervalMs: number; timeoutMs: number; probationMs: number };
 }
 

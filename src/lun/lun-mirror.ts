@@ -1,64 +1,131 @@
-// The sending half of one primary LUN's mirror: sequence numbers, the dependency each request
-// carries, the async in-flight window, flush barriers, and the LUN's mirror state.
+// The sending half of one primary LUN's mirror: sequence numbers and dependencies, the path a
+// write takes (live to the peer, into the journal, or only into the dirty bitmap), the async
+// window, flush barriers, outage handling, and the replay and resync workers.
 //
-// Ordering: every mirrored change gets the next per-LUN sequence number and a `dep`: the
-// highest sequence whose local write had completed when this one was issued. The secondary
-// applies a request only once every request up to its `dep` is applied. With the overlap gate
-// (an overlapping write starts only after the earlier one completed locally) this means: never
-// an older write over a newer overlapping one, and never a write before one the host saw
-// complete before issuing it.
-import crypto from 'node:crypto';
+// Ordering (docs/mirror-protocol.md): each change gets the next per-LUN sequence number and a
+// `dep` = the highest sequence whose local write had completed when it was issued; the overlap
+// gate starts an overlapping write only after the earlier one completed locally. The secondary
+// applies a request once everything up to its `dep` is applied.
+//
+// Sequence numbers stay dense from the acked prefix on: when the link fails, every request above
+// the prefix (answered or not) is journaled, so a replay re-sends each number the secondary might
+// still wait for. Writes while the journal has overflowed take no number (the bitmap covers them).
+//
+// Durability (docs/journal-format.md): the region bitmap is written before any mirrored change
+// lands locally, and cleared once the peer has everything for the region; so a crash of this
+// process at any moment leaves every possibly-unmirrored region marked.
 import type { Logger } from '../log.js';
+import type { RegionBitmap } from '../journal/bitmap.js';
+import { JOURNAL_KIND, type Journal, type JournalEntry } from '../journal/journal.js';
 import { ENOTCONN, type MirrorOp } from '../mirror/peer-connection.js';
 import type { MirrorPool } from '../mirror/pool.js';
-import { MIRROR_OP, PAIR, PAIR_REASON, type LunAnswer, type LunOffer } from '../mirror/wire.js';
-import type { MirrorMode } from './lun.js';
+import { MIRROR_FLAG, MIRROR_OP, PAIR, PAIR_REASON, type LunAnswer, type LunOffer } from '../mirror/wire.js';
+import type { Backing } from '../storage/backing.js';
+import { OverlapGate } from './overlap-gate.js';
 
-export type MirrorState = 'connecting' | 'uptodate' | 'degraded' | 'unpaired';
+export type MirrorState = 'connecting' | 'uptodate' | 'journaling' | 'replaying' | 'resyncing' | 'unpaired';
+/** Where new writes go: to the peer, into the journal, or only into the bitmap (journal overflowed). */
+export type WritePath = 'live' | 'journal' | 'bitmap';
+
+export interface MirrorStore {
+  journal: Journal;
+  bitmap: RegionBitmap;
+  maxJournalBytes: number;
+}
+
+const REPLAY_WINDOW_BYTES = 64 * 1024 * 1024;
+const RESYNC_WINDOW_BYTES = 32 * 1024 * 1024;
 
 class PendingOp implements MirrorOp {
   reqId = 0;
-  resolve: ((errno: number) => void) | null = null;
+  journaled: Promise<void> | null = null;
+  private resolveSettled!: () => void;
+  /** Resolves when the peer has it, or it is safely in the journal/bitmap instead. */
+  readonly settled = new Promise<void>((r) => { this.resolveSettled = r; });
   constructor(
     readonly owner: LunMirror,
     readonly type: number, readonly flags: number, readonly lunId: number,
     readonly seq: number, readonly dep: number, readonly offset: number, readonly length: number,
     readonly payload: Buffer | null,
+    /** 'live' (new write), 'replay' (from the journal), 'resync' (region copy), 'flush'. */
+    readonly origin: 'live' | 'replay' | 'resync' | 'flush',
+    readonly region = -1,
   ) {}
 
   done(errno: number): void {
     this.owner.completed(this, errno);
-    this.resolve?.(errno);
+  }
+
+  settle(): void {
+    this.resolveSettled();
   }
 }
 
 export class LunMirror {
   state: MirrorState = 'connecting';
   reason = 'waiting for the peer';
-  /** Identifies this run of the primary to the secondary (sequence numbers restart with it). */
-  readonly instance = crypto.randomBytes(8);
-  readonly stats = { ops: 0, bytes: 0, failures: 0 };
+  path: WritePath = 'journal';
+  readonly stats = { ops: 0, bytes: 0, failures: 0, replayed: 0, replayedBytes: 0, resynced: 0 };
+  readonly progress = { replayTotal: 0, replayDone: 0, resyncTotal: 0, resyncDone: 0, startedMs: 0 };
+  readonly gate = new OverlapGate();
+  /** Identifies this run of the primary to the secondary. */
+  readonly instance = Buffer.from(Array.from({ length: 8 }, () => Math.floor(Math.random() * 256)));
   private lunId = -1;
   private nextSeq = 1;
   private doneHigh = 0;
-  /** Every request up to here was answered; `answered` holds the ones answered beyond it. */
+  /** Every request up to here was answered; `answered` holds answered ones beyond it. */
   private ackedPrefix = 0;
   private readonly answered = new Set<number>();
+  /** Live/resync requests above the acked prefix, kept (with payload) until the prefix passes them. */
+  private readonly tracked = new Map<number, PendingOp>();
+  /** Live requests in flight per region (their bits must stay set). */
+  private readonly pending = new Map<number, number>();
+  /** Regions whose copy on the peer is stale and must be resent from local data. */
+  readonly resyncNeeded = new Set<number>();
   private flushWaiters: { target: number; resolve: () => void }[] = [];
   private windowWaiters: (() => void)[] = [];
+  private appendsInFlight = 0;
+  private appendsIdle: (() => void)[] = [];
+  private linkUp = false;
+  private worker: Promise<void> | null = null;
+  private kickAgain = false;
   inflightBytes = 0;
 
   constructor(
     readonly lun: string,
-    readonly mode: Exclude<MirrorMode, 'none'>,
+    readonly mode: 'sync' | 'async',
+    private readonly backing: Backing,
     private readonly pool: MirrorPool,
+    private readonly store: MirrorStore,
     private readonly windowBytes: number,
     private readonly log: Logger,
   ) {}
 
-  /** Mirroring is on: requests go to the peer. */
+  /** After recovery: continue numbering after the journal and resync every marked region. */
+  recover(): void {
+    const { journal, bitmap } = this.store;
+    this.nextSeq = journal.maxSeq + 1;
+    this.ackedPrefix = journal.records ? journal.minSeq - 1 : journal.maxSeq;
+    this.doneHigh = journal.maxSeq;
+    for (const r of bitmap.setRegions()) this.resyncNeeded.add(r);
+    if (journal.records || this.resyncNeeded.size) {
+      this.transition('journaling', `recovered ${journal.records} journal records and ${this.resyncNeeded.size} dirty regions`);
+    }
+  }
+
+  /** Journal size and the age of its oldest record (the recovery point while the peer is away). */
+  journalStatus() {
+    const j = this.store.journal;
+    const oldest = j.oldestTimeMs;
+    return { records: j.records, bytes: j.bytes, oldestAgeMs: oldest === null ? null : Date.now() - oldest };
+  }
+
+  get dirtyRegions(): number {
+    return this.store.bitmap.count;
+  }
+
   get active(): boolean {
-    return this.state === 'uptodate';
+    return this.path === 'live';
   }
 
   get inflight(): number {
@@ -67,95 +134,404 @@ export class LunMirror {
 
   offer(id: number, size: number): LunOffer {
     this.lunId = id;
-    return { id, name: this.lun, size, instance: this.instance, nextSeq: this.ackedPrefix + 1 };
+    const j = this.store.journal;
+    return { id, name: this.lun, size, instance: this.instance, nextSeq: j.records ? j.minSeq : this.nextSeq };
   }
 
-  /** The peer answered our offer for this LUN. */
+  // ---- link events ---------------------------------------------------------------------------
+
+  /** The pool is up and the peer answered our offer for this LUN. */
   paired(answer: LunAnswer | undefined): void {
-    if (this.state === 'degraded') return;   // diverged: only a resync can bring it back
-    if (!answer) return this.transition('unpaired', 'the peer did not answer for this LUN');
-    if (answer.status !== PAIR.OK) return this.transition('unpaired', PAIR_REASON[answer.status] ?? `refused (${answer.status})`);
-    this.transition('uptodate', 'paired with the peer');
+    if (!answer || answer.status !== PAIR.OK) {
+      const why = answer ? PAIR_REASON[answer.status] ?? `refused (${answer.status})` : 'the peer did not answer for this LUN';
+      this.linkUp = false;
+      if (this.path !== 'bitmap') void this.overflow('not paired');
+      this.transition('unpaired', why);
+      return;
+    }
+    this.linkUp = true;
+    this.kick();
   }
 
-  /** The pool went down. Nothing was lost unless a request failed (that degrades the LUN). */
+  /** Start the catch-up worker, or have the running one start over when it ends. */
+  private kick(): void {
+    if (this.worker) {
+      this.kickAgain = true;
+      return;
+    }
+    this.worker = this.catchUp().finally(() => {
+      this.worker = null;
+      if (this.kickAgain && this.linkUp) {
+        this.kickAgain = false;
+        this.kick();
+      }
+    });
+  }
+
+  /** The pool went down: everything not yet answered goes to the journal. */
   linkDown(reason: string): void {
-    if (this.state === 'uptodate' || this.state === 'unpaired') this.transition('connecting', `link down: ${reason}`);
+    this.linkUp = false;
+    this.enterOutage(`link down: ${reason}`);
+  }
+
+  // ---- the host's write path ----------------------------------------------------------------
+
+  async write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
+    if (this.path === 'live') await this.admit(buf.length);
+    const token = await this.gate.enter(pos, buf.length);
+    let seq = 0;
+    let settled: Promise<void> | null = null;
+    try {
+      const marked = this.store.bitmap.mark(pos, buf.length);
+      if (marked) await marked;
+      const flags = fua ? MIRROR_FLAG.FUA : 0;
+      seq = this.path === 'bitmap' ? 0 : this.nextSeq++;
+      settled = this.dispatch(MIRROR_OP.WRITE, flags, pos, buf.length, buf, seq);
+      await this.backing.write(buf, pos);
+      if (fua) await this.backing.flush();
+    } catch (err) {
+      if (seq) this.log.error('local write failed after it was mirrored; the copies may differ in that range', {
+        lun: this.lun, seq, offset: pos, length: buf.length, error: (err as Error).message,
+      });
+      if (seq) this.needResync(pos, buf.length);
+      throw err;
+    } finally {
+      if (seq > this.doneHigh) this.doneHigh = seq;
+      this.gate.leave(token);
+    }
+    if (settled) await settled;
+  }
+
+  /** Zero or punch a range. Local first (FAST_ZERO may fail): only what happened is mirrored. */
+  async zero(pos: number, len: number, mayPunch: boolean, fastOnly: boolean, fua: boolean): Promise<void> {
+    const token = await this.gate.enter(pos, len);
+    let settled: Promise<void> | null = null;
+    let seq = 0;
+    try {
+      const marked = this.store.bitmap.mark(pos, len);
+      if (marked) await marked;
+      await this.backing.zero(pos, len, mayPunch, fastOnly);
+      if (fua) await this.backing.flush();
+      seq = this.path === 'bitmap' ? 0 : this.nextSeq++;
+      const flags = (mayPunch ? MIRROR_FLAG.MAY_PUNCH : 0) | (fua ? MIRROR_FLAG.FUA : 0);
+      settled = this.dispatch(MIRROR_OP.WRITE_ZEROES, flags, pos, len, null, seq);
+    } finally {
+      if (seq > this.doneHigh) this.doneHigh = seq;
+      this.gate.leave(token);
+    }
+    if (settled) await settled;
+  }
+
+  /** FLUSH: local data, journal and bitmap durable; with the peer reachable, the peer's too. */
+  async flush(): Promise<void> {
+    const local = Promise.all([this.backing.flush(), this.store.journal.sync(), this.store.bitmap.sync()]);
+    if (this.path === 'live') await Promise.all([local, this.peerFlush()]);
+    else await local;
+  }
+
+  /**
+   * Send the change to the peer, or record it for later. Returns what the host's reply must wait
+   * for: the peer (sync), the journal append (always: a crash must not forget an answered write),
+   * or nothing (async live, bitmap).
+   */
+  private dispatch(type: number, flags: number, offset: number, length: number, payload: Buffer | null, seq: number): Promise<void> | null {
+    if (this.path === 'bitmap') {
+      this.needResync(offset, length);
+      return null;
+    }
+    if (this.path === 'journal') return this.append(type, flags, seq, this.doneHigh, offset, length, payload);
+    const op = new PendingOp(this, type, flags, this.lunId, seq, this.doneHigh, offset, length, payload, 'live');
+    this.track(op);
+    this.pool.send(op);
+    return this.mode === 'sync' ? op.settled : null;
+  }
+
+  private track(op: PendingOp): void {
+    this.tracked.set(op.seq, op);
+    this.inflightBytes += op.length;
+    this.stats.ops++;
+    this.stats.bytes += op.length;
+    const [first, last] = this.store.bitmap.regionsOf(op.offset, op.length);
+    for (let r = first; r <= last; r++) this.pending.set(r, (this.pending.get(r) ?? 0) + 1);
   }
 
   /** Async back-pressure: wait until the window has room for `bytes` more. */
-  admit(bytes: number): Promise<void> | void {
-    if (this.mode !== 'async' || this.inflightBytes + bytes <= this.windowBytes || this.inflightBytes === 0) return;
+  private admit(bytes: number): Promise<void> | void {
+    if (this.mode !== 'async' || this.inflightBytes === 0 || this.inflightBytes + bytes <= this.windowBytes) return;
     return new Promise((resolve) => this.windowWaiters.push(resolve));
   }
 
-  /** Issue a change to the peer; resolves with 0 or an errno when the peer answered. */
-  send(type: number, flags: number, offset: number, length: number, payload: Buffer | null): Promise<number> {
-    const seq = this.nextSeq++;
-    const op = new PendingOp(this, type, flags, this.lunId, seq, this.doneHigh, offset, length, payload);
-    this.inflightBytes += length;
-    this.stats.ops++;
-    this.stats.bytes += length;
-    const p = new Promise<number>((resolve) => { op.resolve = resolve; });
-    this.pool.send(op);
-    return p;
-  }
+  // ---- answers ------------------------------------------------------------------------------
 
-  /** Sequence number of the request send() issued last. */
-  get lastSeq(): number {
-    return this.nextSeq - 1;
-  }
-
-  /** The local write of a mirrored request failed: the peer may now hold data this site lacks. */
-  localFailed(seq: number, err: Error): void {
-    this.log.error('local write failed after it was mirrored; copies may differ in that range', {
-      lun: this.lun, seq, error: err.message,
-    });
-    this.transition('degraded', `local write of seq ${seq} failed: ${err.message}`);
-  }
-
-  /** The local half of request `seq` completed: later requests depend on it. */
-  localDone(seq: number): void {
-    if (seq > this.doneHigh) this.doneHigh = seq;
-  }
-
-  /** Every request issued so far answered, then the peer's FLUSH. 0 or an errno. */
-  async flush(): Promise<number> {
-    const target = this.nextSeq - 1;
-    if (this.ackedPrefix < target) await new Promise<void>((resolve) => this.flushWaiters.push({ target, resolve }));
-    if (!this.active) return ENOTCONN;
-    const op = new PendingOp(this, MIRROR_OP.FLUSH, 0, this.lunId, 0, 0, 0, 0, null);
-    const p = new Promise<number>((resolve) => { op.resolve = resolve; });
-    this.pool.send(op);
-    return p;
-  }
-
-  /** A request was answered (or failed): bookkeeping, window, barriers, failure handling. */
   completed(op: PendingOp, errno: number): void {
-    if (op.type === MIRROR_OP.FLUSH) {
-      // Every write before the flush was answered already; a flush the link cut off loses none.
-      if (errno !== 0 && errno !== ENOTCONN) this.failed(op, errno);
+    if (op.origin === 'flush') return op.settle();
+    if (errno !== 0) {
+      this.stats.failures++;
+      if (errno !== ENOTCONN) {
+        // A peer that fails a request: end the session, so nothing waits behind it on the peer.
+        this.log.warn('the peer failed a mirror request', { lun: this.lun, seq: op.seq, errno });
+        this.pool.disconnect(`peer failed a request of LUN ${this.lun} (errno ${errno})`);
+      }
+      this.enterOutage(errno === ENOTCONN ? 'link failure' : `peer error ${errno}`);
+    } else {
+      this.answered.add(op.seq);
+      while (this.answered.delete(this.ackedPrefix + 1)) {
+        this.ackedPrefix++;
+        this.tracked.delete(this.ackedPrefix);
+      }
+      if (op.origin === 'replay') {
+        this.stats.replayed++;
+        this.stats.replayedBytes += op.length;
+        this.progress.replayDone++;
+      } else if (op.origin === 'resync') {
+        this.stats.resynced++;
+        this.progress.resyncDone++;
+        this.resyncNeeded.delete(op.region);
+      }
+      this.releaseFlushWaiters();
+    }
+    if (op.origin !== 'replay') {
+      const [first, last] = this.store.bitmap.regionsOf(op.offset, op.length);
+      for (let r = first; r <= last; r++) {
+        const n = (this.pending.get(r) ?? 1) - 1;
+        if (n > 0) this.pending.set(r, n);
+        else {
+          this.pending.delete(r);
+          this.maybeClear(r);
+        }
+      }
+    }
+    if (op.journaled) void op.journaled.then(() => this.release(op));
+    else if (errno === 0 || op.origin === 'replay') this.release(op);
+  }
+
+  private release(op: PendingOp): void {
+    if (op.origin !== 'replay') this.inflightBytes -= op.length;
+    else this.replayBytes -= op.length;
+    op.settle();
+    while (this.windowWaiters.length && this.inflightBytes < this.windowBytes) this.windowWaiters.shift()!();
+    this.wakeWorker();
+  }
+
+  private releaseFlushWaiters(): void {
+    if (this.flushWaiters.length === 0) return;
+    const ready = this.flushWaiters.filter((w) => w.target <= this.ackedPrefix);
+    this.flushWaiters = this.flushWaiters.filter((w) => w.target > this.ackedPrefix);
+    for (const w of ready) w.resolve();
+  }
+
+  /** A bit may go once nothing is in flight there, nothing is stale there, and the journal is empty. */
+  private maybeClear(r: number): void {
+    if (!this.pending.has(r) && !this.resyncNeeded.has(r) && this.store.journal.records === 0 && this.appendsInFlight === 0) {
+      this.store.bitmap.clear(r);
+    }
+  }
+
+  private needResync(offset: number, length: number): void {
+    const [first, last] = this.store.bitmap.regionsOf(offset, length);
+    for (let r = first; r <= last; r++) this.resyncNeeded.add(r);
+  }
+
+  // ---- outages: journal and bitmap -------------------------------------------------------------
+
+  /** The link failed: journal every tracked request in sequence order; new writes follow them. */
+  private enterOutage(reason: string): void {
+    if (this.path !== 'live') {
+      if (this.state !== 'journaling' && this.state !== 'unpaired') this.transition('journaling', reason);
       return;
     }
-    if (errno !== 0) this.failed(op, errno);
-    this.inflightBytes -= op.length;
-    this.answered.add(op.seq);
-    while (this.answered.delete(this.ackedPrefix + 1)) this.ackedPrefix++;
-    if (this.flushWaiters.length) {
-      const ready = this.flushWaiters.filter((w) => w.target <= this.ackedPrefix);
-      this.flushWaiters = this.flushWaiters.filter((w) => w.target > this.ackedPrefix);
-      for (const w of ready) w.resolve();
+    this.path = 'journal';
+    this.transition('journaling', reason);
+    const ops = [...this.tracked.values()].sort((a, b) => a.seq - b.seq);
+    this.tracked.clear();
+    for (const op of ops) {
+      op.journaled = this.append(op.type, op.flags, op.seq, op.dep, op.offset, op.length, op.payload);
     }
-    while (this.windowWaiters.length && this.inflightBytes < this.windowBytes) this.windowWaiters.shift()!();
+    this.answered.clear();
+    this.releaseFlushWaiters();
   }
 
-  private failed(op: PendingOp, errno: number): void {
-    this.stats.failures++;
-    if (this.state !== 'degraded') {
-      const why = errno === ENOTCONN ? 'a mirror request was cut off by the link failure'
-        : `the peer failed a mirror ${op.type === MIRROR_OP.FLUSH ? 'flush' : 'request'} (errno ${errno})`;
-      this.transition('degraded', op.type === MIRROR_OP.FLUSH ? why : `${why}; the secondary may lack writes from seq ${op.seq}`);
+  /** Append a change to the journal (durable first in sync mode); overflow turns to the bitmap. */
+  private async append(type: number, flags: number, seq: number, dep: number, offset: number, length: number, data: Buffer | null): Promise<void> {
+    const journal = this.store.journal;
+    if (this.path === 'bitmap' || journal.bytes + length + 64 > this.store.maxJournalBytes) {
+      if (this.path !== 'bitmap') await this.overflow(`journal would exceed ${this.store.maxJournalBytes} bytes`);
+      this.needResync(offset, length);
+      return;
     }
+    this.appendsInFlight++;
+    try {
+      await journal.append({
+        seq, dep, offset, length, flags,
+        kind: type === MIRROR_OP.WRITE ? JOURNAL_KIND.WRITE : JOURNAL_KIND.WRITE_ZEROES,
+        data: type === MIRROR_OP.WRITE ? data : null,
+      });
+      if (this.mode === 'sync' || (flags & MIRROR_FLAG.FUA)) await journal.sync();
+    } catch (err) {
+      // A full disk under dataDir (or any journal failure) must not fail host writes: fall back to the bitmap.
+      this.log.error('journal append failed', { lun: this.lun, error: (err as Error).message });
+      await this.overflow(`journal append failed: ${(err as Error).message}`);
+      this.needResync(offset, length);
+    } finally {
+      if (--this.appendsInFlight === 0) for (const w of this.appendsIdle.splice(0)) w();
+    }
+  }
+
+  /** The journal is full or failing: every marked region becomes a resync, the journal is dropped. */
+  private async overflow(reason: string): Promise<void> {
+    if (this.path === 'bitmap') return;
+    this.path = 'bitmap';
+    for (const r of this.store.bitmap.setRegions()) this.resyncNeeded.add(r);
+    this.log.warn('LUN journal collapsed into the dirty bitmap', { lun: this.lun, reason, regions: this.resyncNeeded.size });
+    while (this.appendsInFlight > 0) await new Promise<void>((r) => this.appendsIdle.push(r));
+    for (const r of this.store.bitmap.setRegions()) this.resyncNeeded.add(r);
+    await this.store.journal.reset();
+    await this.store.bitmap.sync();
+  }
+
+  // ---- catching up: replay, then resync, then live ------------------------------------------
+
+  private replayBytes = 0;
+  private wake: (() => void) | null = null;
+
+  private wakeWorker(): void {
+    const w = this.wake;
+    this.wake = null;
+    w?.();
+  }
+
+  private sleep(): Promise<void> {
+    return new Promise((r) => { this.wake = r; });
+  }
+
+  private async catchUp(): Promise<void> {
+    try {
+      if (this.path === 'journal') await this.replay();
+      if (!this.linkUp) return;
+      if (this.path === 'bitmap' || this.resyncNeeded.size > 0) await this.resync();
+      if (!this.linkUp) return;
+      if (this.path === 'live' && this.resyncNeeded.size === 0) this.transition('uptodate', 'the peer has every change');
+    } catch (err) {
+      this.log.error('catching up with the peer failed', { lun: this.lun, error: (err as Error).message });
+    }
+  }
+
+  /** Send the journal in sequence order while new writes queue behind it; then go live. */
+  private async replay(): Promise<void> {
+    const journal = this.store.journal;
+    if (journal.records > 0) this.transition('replaying', `${journal.records} journal records to send`);
+    this.progress.replayTotal = journal.records;
+    this.progress.replayDone = 0;
+    this.progress.startedMs = Date.now();
+    let lastSent = 0;
+    for (;;) {
+      if (!this.linkUp || this.path !== 'journal') return;
+      const next = firstAfter(journal.entries(), lastSent);
+      if (!next) {
+        if (this.appendsInFlight > 0) {
+          await new Promise<void>((r) => this.appendsIdle.push(r));
+          continue;
+        }
+        break;
+      }
+      if (this.replayBytes >= REPLAY_WINDOW_BYTES) {
+        await this.sleep();
+        continue;
+      }
+      const data = next.kind === JOURNAL_KIND.WRITE ? await journal.readData(next) : null;
+      if (!this.linkUp || this.path !== 'journal') return;
+      const type = next.kind === JOURNAL_KIND.WRITE ? MIRROR_OP.WRITE : MIRROR_OP.WRITE_ZEROES;
+      const op = new PendingOp(this, type, next.flags, this.lunId, next.seq, next.dep, next.offset, next.length, data, 'replay');
+      this.replayBytes += next.length;
+      this.progress.replayTotal = journal.records;   // records stay until the reset after the replay
+      lastSent = next.seq;
+      this.pool.send(op);
+    }
+    // Caught up (nothing left, no append in flight): from here new writes go to the peer directly.
+    this.path = 'live';
+    if (this.progress.replayTotal > 0) {
+      this.log.info('journal replayed; mirroring live again', { lun: this.lun, records: this.progress.replayTotal });
+    }
+    const target = this.nextSeq - 1;
+    if ((await this.peerFlush()) === 0 && this.path === 'live' && journal.maxSeq <= target && this.appendsInFlight === 0) {
+      await journal.reset();
+      for (const r of this.store.bitmap.setRegions()) this.maybeClear(r);
+    }
+  }
+
+  /** Copy every stale region from local data; new writes are mirrored live meanwhile. */
+  private async resync(): Promise<void> {
+    if (this.path === 'bitmap') {
+      await this.store.journal.reset();
+      this.path = 'live';
+    }
+    const regions = [...this.resyncNeeded].sort((a, b) => a - b);
+    this.transition('resyncing', `${regions.length} regions to copy from local data (the secondary is inconsistent until done)`);
+    this.progress.resyncTotal = regions.length;
+    this.progress.resyncDone = 0;
+    this.progress.startedMs = Date.now();
+    const size = this.store.bitmap.regionSize;
+    for (const r of regions) {
+      if (!this.linkUp || this.path !== 'live') return;
+      if (!this.resyncNeeded.has(r)) {
+        this.progress.resyncDone++;
+        continue;
+      }
+      while (this.inflightBytes >= RESYNC_WINDOW_BYTES) {
+        await this.sleep();
+        if (!this.linkUp || this.path !== 'live') return;
+      }
+      const start = r * size;
+      const len = Math.min(size, this.backing.size - start);
+      const token = await this.gate.enter(start, len);
+      try {
+        if (!this.linkUp || this.path !== 'live') return;
+        const hole = !this.backing.isBlockDevice && this.backing.extents(start, len, 2).every((e) => e.hole);
+        let data: Buffer | null = null;
+        if (!hole) {
+          data = Buffer.allocUnsafe(len);
+          await this.backing.read(data, start);
+        }
+        if (!this.linkUp || this.path !== 'live') return;
+        const seq = this.nextSeq++;
+        const op = new PendingOp(this, hole ? MIRROR_OP.WRITE_ZEROES : MIRROR_OP.WRITE, hole ? MIRROR_FLAG.MAY_PUNCH : 0,
+          this.lunId, seq, this.doneHigh, start, len, data, 'resync', r);
+        this.track(op);
+        this.pool.send(op);
+        this.doneHigh = seq;
+      } finally {
+        this.gate.leave(token);
+      }
+    }
+    while (this.linkUp && this.path === 'live' && this.inflight > 0 && this.resyncNeeded.size > 0) await this.sleep();
+  }
+
+  /** Every request issued so far answered, then the peer's FLUSH. 0, or an errno. */
+  private async peerFlush(): Promise<number> {
+    const target = this.nextSeq - 1;
+    if (this.ackedPrefix < target) await new Promise<void>((resolve) => this.flushWaiters.push({ target, resolve }));
+    if (this.path !== 'live') return ENOTCONN;
+    let errno = 0;
+    const op = new PendingOp(this, MIRROR_OP.FLUSH, 0, this.lunId, 0, 0, 0, 0, null, 'flush');
+    const orig = op.done.bind(op);
+    op.done = (e: number) => { errno = e; orig(e); };
+    this.pool.send(op);
+    await op.settled;
+    if (errno !== 0 && errno !== ENOTCONN) {
+      this.pool.disconnect(`peer failed a flush of LUN ${this.lun} (errno ${errno})`);
+    }
+    return errno;
+  }
+
+  /** Let requests already issued reach the peer (shutdown), for at most timeoutMs. */
+  async drain(timeoutMs: number): Promise<void> {
+    if (this.path !== 'live') return;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      this.peerFlush(),
+      new Promise<void>((resolve) => { timer = setTimeout(resolve, timeoutMs); }),
+    ]);
+    clearTimeout(timer);
   }
 
   private transition(to: MirrorState, reason: string): void {
@@ -163,7 +539,20 @@ export class LunMirror {
     const from = this.state;
     this.state = to;
     this.reason = reason;
-    const level = to === 'degraded' || to === 'unpaired' ? 'warn' : 'info';
+    if (from === to) return;
+    const level = to === 'journaling' || to === 'unpaired' ? 'warn' : 'info';
     this.log.log(level, 'LUN mirror state', { lun: this.lun, from, to, reason });
   }
+}
+
+/** The first journal entry with a sequence number above `seq` (entries are sorted by seq). */
+function firstAfter(entries: readonly JournalEntry[], seq: number): JournalEntry | undefined {
+  let lo = 0;
+  let hi = entries.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (entries[mid].seq <= seq) lo = mid + 1;
+    else hi = mid;
+  }
+  return entries[lo];
 }

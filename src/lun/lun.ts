@@ -1,9 +1,7 @@
 // One LUN: its backing store and the write path hosts see through NBD. Mirroring policy
 // (sync / async / journal) wraps these operations without the NBD layer knowing.
-import { MIRROR_FLAG, MIRROR_OP } from '../mirror/wire.js';
 import type { Backing, Extent } from '../storage/backing.js';
 import type { LunMirror } from './lun-mirror.js';
-import { OverlapGate } from './overlap-gate.js';
 
 export type Role = 'primary' | 'secondary';
 export type MirrorMode = 'sync' | 'async' | 'none';
@@ -32,7 +30,6 @@ export class Lun {
   };
   /** The sending half of the mirror (primary LUNs with mode sync/async). */
   mirror: LunMirror | null = null;
-  private readonly gate = new OverlapGate();
 
   constructor(readonly spec: LunSpec, readonly backing: Backing) {}
 
@@ -56,74 +53,30 @@ export class Lun {
   async write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
     this.counters.writeOps++;
     this.counters.writeBytes += buf.length;
-    const m = this.mirror;
-    if (!m?.active) {
-      await this.backing.write(buf, pos);
-      if (fua) await this.backing.flush();
-      return;
-    }
-    await m.admit(buf.length);
-    const token = await this.gate.enter(pos, buf.length);
-    // Local I/O and the mirror request run in parallel; the mode decides what the host waits for.
-    const remote = m.send(MIRROR_OP.WRITE, fua ? MIRROR_FLAG.FUA : 0, pos, buf.length, buf);
-    const seq = m.lastSeq;
-    try {
-      await this.backing.write(buf, pos);
-      if (fua) await this.backing.flush();
-    } catch (err) {
-      m.localFailed(seq, err as Error);
-      throw err;
-    } finally {
-      m.localDone(seq);
-      this.gate.leave(token);
-    }
-    if (m.mode === 'sync') await remote;   // a peer failure degrades the LUN; the host keeps its local result
+    if (this.mirror) return this.mirror.write(buf, pos, fua);
+    await this.backing.write(buf, pos);
+    if (fua) await this.backing.flush();
   }
 
   async flush(): Promise<void> {
     this.counters.flushOps++;
-    const m = this.mirror;
-    if (!m?.active) return this.backing.flush();
-    // A host FLUSH covers both copies (async too, while the peer is reachable).
-    await Promise.all([this.backing.flush(), m.flush()]);
+    if (this.mirror) return this.mirror.flush();
+    await this.backing.flush();
   }
 
   /** TRIM. On a mirrored LUN it becomes a punch-hole zero, so both copies read the same. */
   async trim(pos: number, len: number, fua: boolean): Promise<void> {
     this.counters.trimOps++;
-    if (!this.mirror?.active) {
-      await this.backing.trim(pos, len);
-      if (fua) await this.backing.flush();
-      return;
-    }
-    await this.zeroMirrored(pos, len, true, false, fua);
+    if (this.mirror) return this.mirror.zero(pos, len, true, false, fua);
+    await this.backing.trim(pos, len);
+    if (fua) await this.backing.flush();
   }
 
   async zero(pos: number, len: number, opts: ZeroOptions): Promise<void> {
     this.counters.zeroOps++;
-    if (!this.mirror?.active) {
-      await this.backing.zero(pos, len, opts.mayPunch, opts.fastOnly);
-      if (opts.fua) await this.backing.flush();
-      return;
-    }
-    await this.zeroMirrored(pos, len, opts.mayPunch, opts.fastOnly, opts.fua);
-  }
-
-  /** Zeroing may fail locally (FAST_ZERO): do it first, and mirror only what happened. */
-  private async zeroMirrored(pos: number, len: number, mayPunch: boolean, fastOnly: boolean, fua: boolean): Promise<void> {
-    const m = this.mirror!;
-    const token = await this.gate.enter(pos, len);
-    let remote: Promise<number>;
-    try {
-      await this.backing.zero(pos, len, mayPunch, fastOnly);
-      if (fua) await this.backing.flush();
-      const flags = (mayPunch ? MIRROR_FLAG.MAY_PUNCH : 0) | (fua ? MIRROR_FLAG.FUA : 0);
-      remote = m.send(MIRROR_OP.WRITE_ZEROES, flags, pos, len, null);
-      m.localDone(m.lastSeq);
-    } finally {
-      this.gate.leave(token);
-    }
-    if (m.mode === 'sync') await remote;
+    if (this.mirror) return this.mirror.zero(pos, len, opts.mayPunch, opts.fastOnly, opts.fua);
+    await this.backing.zero(pos, len, opts.mayPunch, opts.fastOnly);
+    if (opts.fua) await this.backing.flush();
   }
 
   cache(pos: number, len: number): Promise<void> {

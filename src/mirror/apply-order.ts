@@ -10,6 +10,10 @@ export class ApplyOrder {
   appliedPrefix = 0;
   private readonly above = new Set<number>();
   private waiters: { dep: number; resolve: () => void }[] = [];
+  private readonly inflight = new Map<number, Promise<void>>();
+
+  /** Bumped when a new primary run takes over: requests of the old run still waiting must not apply. */
+  epoch = 0;
 
   /** A primary (re)connected: adopt its run, or skip ahead to where it says it resumes. */
   resume(instance: Buffer, nextSeq: number): void {
@@ -17,6 +21,9 @@ export class ApplyOrder {
       this.instance = Buffer.from(instance);
       this.appliedPrefix = nextSeq - 1;
       this.above.clear();
+      this.epoch++;
+      // Wake the old run's waiters; they see the new epoch and drop their request.
+      for (const w of this.waiters.splice(0)) w.resolve();
     } else if (nextSeq - 1 > this.appliedPrefix) {
       this.appliedPrefix = nextSeq - 1;
       for (const s of this.above) if (s <= this.appliedPrefix) this.above.delete(s);
@@ -33,6 +40,23 @@ export class ApplyOrder {
   ready(dep: number): Promise<void> | null {
     if (dep <= this.appliedPrefix) return null;
     return new Promise((resolve) => this.waiters.push({ dep, resolve }));
+  }
+
+  /** The application of `seq` under way, if any. */
+  running(seq: number): Promise<void> | undefined {
+    return this.inflight.get(seq);
+  }
+
+  /** Apply `seq` with `fn`; on success it counts as applied. */
+  async run(seq: number, fn: () => Promise<void>): Promise<void> {
+    const p = fn();
+    this.inflight.set(seq, p);
+    try {
+      await p;
+      this.applied(seq);
+    } finally {
+      this.inflight.delete(seq);
+    }
   }
 
   applied(seq: number): void {

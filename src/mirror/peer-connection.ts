@@ -24,6 +24,8 @@ export class PeerConnection implements FrameSink {
   status: ElementStatus = 'down';
   /** Last sign of life from the peer (ms since epoch): a reply, the hello, or a heartbeat. */
   lastSeen = 0;
+  /** Last time a reply arrived, or a request was sent to an idle connection (stall detection). */
+  lastProgress = 0;
   socket: net.Socket | null = null;
   private readonly pending = new Map<number, MirrorOp>();
   private nextReqId = 1;
@@ -37,6 +39,11 @@ export class PeerConnection implements FrameSink {
     return this.pending.size;
   }
 
+  /** Requests wait for answers while none came for `ms` (heartbeats may flow while TCP is black-holed). */
+  stalledFor(now: number): number {
+    return this.pending.size > 0 ? now - this.lastProgress : 0;
+  }
+
   /** Connect, send our hello, and resolve with the peer's. */
   async open(host: string, port: number, hello: Buffer, timeoutMs: number, onDown: (reason: string) => void): Promise<Hello> {
     this.status = 'connecting';
@@ -44,15 +51,17 @@ export class PeerConnection implements FrameSink {
     this.socket = socket;
     socket.setKeepAlive(true, 1000);
     const timer = setTimeout(() => socket.destroy(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
+    timer.unref();
+    // Settles on an error, or when the socket is closed under us (the pool gave up on this attempt).
+    const failed = new Promise<never>((_, reject) => {
+      socket.once('error', reject);
+      socket.once('close', () => reject(new Error('connection closed during the hello')));
+    });
+    failed.catch(() => undefined);   // after the hello, errors are handled by the close path
     try {
-      await new Promise<void>((resolve, reject) => {
-        socket.once('connect', resolve);
-        socket.once('error', reject);
-      });
+      await Promise.race([new Promise<void>((resolve) => socket.once('connect', resolve)), failed]);
       socket.write(hello);
       const reader = new SocketReader(socket);
-      const failed = new Promise<never>((_, reject) => socket.once('error', reject));
-      failed.catch(() => undefined);   // errors after the hello are handled by the close path
       const len = (await Promise.race([reader.read(4), failed])).readUInt32BE(0);
       if (len > MAX_HELLO_LENGTH) throw new HelloError(`hello of ${len} bytes`);
       const answer = decodeHello(await Promise.race([reader.read(len), failed]));
@@ -76,6 +85,7 @@ export class PeerConnection implements FrameSink {
   }
 
   send(op: MirrorOp): void {
+    if (this.pending.size === 0) this.lastProgress = Date.now();
     op.reqId = this.nextReqId;
     this.nextReqId = (this.nextReqId + 1) >>> 0 || 1;
     this.pending.set(op.reqId, op);
@@ -105,7 +115,7 @@ export class PeerConnection implements FrameSink {
       return;
     }
     this.pending.delete(this.reply.reqId);
-    this.lastSeen = Date.now();
+    this.lastSeen = this.lastProgress = Date.now();
     op.done(this.reply.errno);
   }
 

@@ -15,6 +15,7 @@ import {
 } from './wire.js';
 
 const EINVAL = 22;
+const ESTALE = 116;   // a request of a primary run that has been superseded
 
 /** Per secondary LUN: who feeds it and in what order. Survives reconnections. */
 export interface SecondaryState {
@@ -30,6 +31,10 @@ export interface ReceiverOptions {
   site: string;
   /** Expected peer site name; '' accepts any name but our own. */
   peerSite: string;
+  /** How often an idle connection checks whether the peer's heartbeats still arrive. */
+  idleCheckMs: number;
+  /** False once the peer's heartbeats have been silent for longer than the timeout. */
+  peerAlive: () => boolean;
 }
 
 export class MirrorReceiver {
@@ -79,6 +84,13 @@ export class MirrorReceiver {
       const answers = hello.offers.map((o) => this.pair(o, hello.site, targets));
       socket.write(encodeHello({ kind: HELLO_ANSWER, site: this.opts.site, session: hello.session, offers: [], answers }));
       const handler = new ReceiverConnection(socket, targets, peer, this.log);
+      // Idle handlers check their element: if the peer's heartbeats stopped, the link is down.
+      socket.setTimeout(this.opts.idleCheckMs, () => {
+        if (!this.opts.peerAlive()) {
+          this.log.info('closing idle mirror connection: peer heartbeats stopped', { peer });
+          socket.destroy();
+        }
+      });
       for (const t of targets.values()) t.state.connections++;
       socket.on('close', () => {
         for (const t of targets.values()) {
@@ -177,12 +189,26 @@ class ReceiverConnection implements FrameSink {
         return this.answer(h.reqId, 0);
       }
       if (order.isApplied(h.seq)) return this.answer(h.reqId, 0);
+      const epoch = order.epoch;
       const wait = order.ready(h.dep);
       if (wait) await wait;
-      if (h.type === MIRROR_OP.WRITE) await backing.write(payload!, h.offset);
-      else await backing.zero(h.offset, h.length, (h.flags & MIRROR_FLAG.MAY_PUNCH) !== 0, false);
-      if (h.flags & MIRROR_FLAG.FUA) await backing.flush();
-      order.applied(h.seq);
+      // Its session is gone, or a new run of the primary took over while it waited: drop it unapplied.
+      if (this.socket.destroyed || order.epoch !== epoch) {
+        if (!this.socket.destroyed) this.answer(h.reqId, ESTALE);
+        return;
+      }
+      // A resend of a request still being applied waits for that one instead of applying twice.
+      const running = order.running(h.seq);
+      if (running) {
+        await running;
+        return this.answer(h.reqId, 0);
+      }
+      if (order.isApplied(h.seq)) return this.answer(h.reqId, 0);
+      await order.run(h.seq, async () => {
+        if (h.type === MIRROR_OP.WRITE) await backing.write(payload!, h.offset);
+        else await backing.zero(h.offset, h.length, (h.flags & MIRROR_FLAG.MAY_PUNCH) !== 0, false);
+        if (h.flags & MIRROR_FLAG.FUA) await backing.flush();
+      });
       applied.ops++;
       applied.bytes += h.length;
       this.answer(h.reqId, 0);

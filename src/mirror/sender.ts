@@ -1,76 +1,94 @@
-// The sending side of a site: brings the pool up with an offer for every mirrored primary LUN,
-// hands each LUN the peer's verdict, and reconnects after the link fails.
+// The sending side of a site: the pool toward the peer, driven by the heartbeat link monitor.
+// Heartbeats refresh every element of the connection array; after each heartbeat sent, an
+// element silent for longer than the timeout brings the session down; after an outage the
+// pool is re-established only once the monitor's probation has passed.
 import type { MirrorConfig } from '../config/schema.js';
+import type { Heartbeat } from '../health/heartbeat.js';
+import { LinkMonitor } from '../health/link-monitor.js';
 import type { Logger } from '../log.js';
-import { LunMirror } from '../lun/lun-mirror.js';
+import { LunMirror, type MirrorStore } from '../lun/lun-mirror.js';
 import type { Lun } from '../lun/lun.js';
 import { MirrorPool } from './pool.js';
 
+/** Requests unanswered for this many heartbeat timeouts count as a dead connection. */
+const STALL_FACTOR = 4;
+
 export class MirrorSender {
   readonly pool: MirrorPool;
+  readonly monitor: LinkMonitor;
   private readonly mirrored: Lun[] = [];
   private running = false;
-  private timer: NodeJS.Timeout | null = null;
+  private connecting = false;
+  private lastAttemptMs = 0;
 
   constructor(site: string, private readonly cfg: MirrorConfig, private readonly log: Logger) {
     this.pool = new MirrorPool({
       site, peerHost: cfg.peer.host, peerPort: cfg.peer.port, peerSite: cfg.peer.site,
       connections: cfg.connections, connectTimeoutMs: cfg.connectTimeoutMs,
     }, log);
+    this.monitor = new LinkMonitor(cfg.heartbeat);
+    this.monitor.on('state', (from, to, reason) => this.log.info('mirror link state', { from, to, reason }));
+    this.monitor.on('down', (reason) => this.pool.disconnect(reason));
+    this.monitor.on('ready', () => this.connect());
     this.pool.on('up', (answers) => {
+      this.monitor.connected();
       this.log.info('mirror link up', { peer: this.pool.peerSite, connections: this.pool.elements.length });
       this.mirrored.forEach((lun, id) => lun.mirror!.paired(answers.find((a) => a.id === id)));
     });
     this.pool.on('down', (reason) => {
+      this.monitor.connectionLost(reason);
       for (const lun of this.mirrored) lun.mirror!.linkDown(reason);
-      this.schedule();
     });
   }
 
-  /** Give a primary LUN its mirror (mode sync or async). */
-  attach(lun: Lun): void {
+  /** Give a primary LUN (mode sync or async) its mirror, over its journal and bitmap. */
+  attach(lun: Lun, store: MirrorStore): LunMirror | null {
     const mode = lun.spec.mirror;
-    if (mode === 'none') return;
-    lun.mirror = new LunMirror(lun.name, mode, this.pool, this.cfg.asyncWindowBytes, this.log);
+    if (mode === 'none') return null;
+    lun.mirror = new LunMirror(lun.name, mode, lun.backing, this.pool, store, this.cfg.asyncWindowBytes, this.log);
     this.mirrored.push(lun);
+    return lun.mirror;
   }
 
-  start(): void {
-    if (this.mirrored.length === 0) return;
+  get luns(): readonly Lun[] {
+    return this.mirrored;
+  }
+
+  start(heartbeat: Heartbeat): void {
     this.running = true;
-    void this.connect();
+    heartbeat.on('beat', (now) => {
+      this.monitor.beat();
+      for (const e of this.pool.elements) if (e.status === 'up' && e.lastSeen < now) e.lastSeen = now;
+    });
+    heartbeat.on('tick', (now) => {
+      this.monitor.tick();
+      const { timeoutMs } = this.cfg.heartbeat;
+      const silent = this.pool.elements.find((e) => e.status === 'up' && now - e.lastSeen > timeoutMs);
+      // Heartbeats can flow while TCP is black-holed: requests unanswered for long also end the session.
+      const stalled = this.pool.elements.find((e) => e.status === 'up' && e.stalledFor(now) > STALL_FACTOR * timeoutMs);
+      if (silent) this.pool.disconnect(`connection ${silent.index} silent for ${now - silent.lastSeen} ms`);
+      else if (stalled) this.pool.disconnect(`connection ${stalled.index}: no answer for ${stalled.stalledFor(now)} ms`);
+      else this.connect();
+    });
   }
 
-  private async connect(): Promise<void> {
-    this.timer = null;
-    if (!this.running || this.pool.state !== 'down') return;
+  private connect(): void {
+    if (!this.running || this.connecting || this.mirrored.length === 0) return;
+    if (this.pool.state !== 'down' || !this.monitor.mayConnect()) return;
+    if (Date.now() - this.lastAttemptMs < this.cfg.reconnectMs) return;
+    this.connecting = true;
+    this.lastAttemptMs = Date.now();
     const offers = this.mirrored.map((lun, id) => lun.mirror!.offer(id, lun.size));
-    const up = await this.pool.connect(offers);
-    if (!up) this.schedule();
-  }
-
-  private schedule(): void {
-    if (!this.running || this.timer) return;
-    this.timer = setTimeout(() => void this.connect(), this.cfg.reconnectMs);
+    void this.pool.connect(offers).finally(() => { this.connecting = false; });
   }
 
   /** Let mirror requests already issued reach the peer (async mode), for at most timeoutMs. */
   async drain(timeoutMs: number): Promise<void> {
-    const active = this.mirrored.filter((l) => l.mirror!.active);
-    if (active.length === 0) return;
-    let timer: NodeJS.Timeout | undefined;
-    const late = await Promise.race([
-      Promise.all(active.map((l) => l.mirror!.flush())).then(() => false),
-      new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(true), timeoutMs); }),
-    ]);
-    clearTimeout(timer);
-    if (late) this.log.warn('shutdown: mirror requests still in flight after the timeout', { timeoutMs });
+    await Promise.all(this.mirrored.map((l) => l.mirror!.drain(timeoutMs)));
   }
 
   stop(): void {
     this.running = false;
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
     this.pool.disconnect('shutting down');
   }
 }

@@ -19,6 +19,12 @@ export interface LunStatus {
   state: string;
   reason?: string;
   readOnly: boolean;
+  /** Host connections to this export. */
+  hosts: number;
+  counters: {
+    readOps: number; readBytes: number; writeOps: number; writeBytes: number;
+    trimOps: number; zeroOps: number; flushOps: number; errors: number;
+  };
   mirrored?: { ops: number; bytes: number; failures: number };
   inflight?: number;
   lagBytes?: number;

@@ -1,0 +1,329 @@
+// The persistent dirty-region bitmap of one LUN (format: docs/journal-format.md).
+//
+// One bit per region of the LUN: set (and written to the file) before any mirrored change
+// touches the region, cleared once the peer has everything for it. Writes are plain pwrites, so
+// set bits survive a SIGKILL; sync() (host FLUSH) makes them survive a power loss too.
+//
+// File writes go through one writer: at most one write in flight; changed byte indexes queue up
+// and each write carries the *current* in-memory value of its bytes (runs of nearby bytes
+// coalesced). Two pwrites of the same byte are never in flight together, so an older value can
+// never land after a newer one.
+import fs from 'node:fs';
+import { crc32c } from '@node-rs/crc32';
+import {
+  BITMAP_CRC_COVERS, BITMAP_MAGIC, BITMAP_VERSION, bitmapHeader, closeFd, createFileAtomic, fdatasync, fstatSize,
+  GroupSync, openFile, preadFull, pwriteFull,
+} from './record.js';
+
+export class BitmapError extends Error {}
+
+export const DEFAULT_REGION_SIZE = 64 * 1024;
+/** Dirty bytes closer than this are written as one run (the bytes between are current anyway). */
+const COALESCE_GAP = 64;
+
+interface Deferred {
+  promise: Promise<void>;
+  resolve: () => void;
+  reject: (err: Error) => void;
+}
+
+function deferred(): Deferred {
+  let resolve!: () => void;
+  let reject!: (err: Error) => void;
+  const promise = new Promise<void>((res, rej) => { resolve = res; reject = rej; });
+  return { promise, resolve, reject };
+}
+
+export class RegionBitmap {
+  readonly regions: number;
+  private setCount = 0;
+  /** Byte indexes changed in memory since the last write started. */
+  private dirty = new Set<number>();
+  /** Byte indexes the write in flight carries (null: no write in flight). */
+  private inflight: Set<number> | null = null;
+  private inflightDone: Deferred | null = null;
+  /** Waiters for the write that starts after the one in flight. */
+  private next: Deferred | null = null;
+  private writeGen = 0;
+  private readonly syncer: GroupSync;
+  private failure: Error | null = null;
+  private closing: Promise<void> | null = null;
+
+  private constructor(
+    readonly path: string,
+    readonly lunSize: number,
+    readonly regionSize: number,
+    private readonly fd: number,
+    private readonly bits: Buffer,
+  ) {
+    this.regions = regionCount(lunSize, regionSize);
+    for (let k = 0; k < bits.length; k++) this.setCount += popcount8(bits[k]);
+    this.syncer = new GroupSync(async () => {
+      try {
+        await fdatasync(this.fd);
+      } catch (err) {
+        // The kernel may have dropped the dirty pages: what is on disk is no longer known.
+        this.failure ??= new Error(`fdatasync failed: ${(err as Error).message}`);
+        throw this.failedError();
+      }
+    }, () => this.writeGen);
+  }
+
+  /** Open (or create, all clear) the bitmap file of a LUN. A header for another geometry throws BitmapError. */
+  static async open(path: string, lunSize: number, regionSize: number = DEFAULT_REGION_SIZE): Promise<RegionBitmap> {
+    if (!Number.isSafeInteger(lunSize) || lunSize < 0) throw new BitmapError(`bitmap ${path}: invalid LUN size ${lunSize}`);
+    if (!Number.isInteger(regionSize) || regionSize < 1 || regionSize > 0xffffffff) {
+      throw new BitmapError(`bitmap ${path}: invalid region size ${regionSize}`);
+    }
+    const regions = regionCount(lunSize, regionSize);
+    if (regions > 0xffffffff) throw new BitmapError(`bitmap ${path}: ${regions} regions is too many; use larger regions`);
+    const nbytes = Math.ceil(regions / 8);
+    const header = encodeHeader(lunSize, regionSize);
+
+    let fd: number;
+    for (;;) {
+      try {
+        fd = await openFile(path, fs.constants.O_RDWR);
+        break;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      }
+      try {
+        await createFileAtomic(path, Buffer.concat([header, Buffer.alloc(nbytes)]));
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      }
+    }
+    try {
+      const bits = Buffer.alloc(nbytes);
+      const size = await fstatSize(fd);
+      if (size === 0) {
+        // Only a file created empty by someone else looks like this (we create atomically).
+        await pwriteFull(fd, Buffer.concat([header, bits]), 0);
+        await fdatasync(fd);
+      } else {
+        await checkHeader(fd, path, size, lunSize, regionSize);
+        const want = header.length + nbytes;
+        if (size !== want) throw new BitmapError(`bitmap ${path}: file has ${size} bytes, ${want} expected for its geometry (damaged)`);
+        if (await preadFull(fd, bits, 0, nbytes, header.length) !== nbytes) throw new BitmapError(`bitmap ${path}: short read`);
+        if (regions % 8 !== 0) bits[nbytes - 1] &= (1 << (regions % 8)) - 1;   // bits past the last region mean nothing
+      }
+      return new RegionBitmap(path, lunSize, regionSize, fd, bits);
+    } catch (err) {
+      await closeFd(fd).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /**
+   * Regions [first, last] that bytes [offset, offset+length) touch. An empty range touches none:
+   * then last = first - 1.
+   */
+  regionsOf(offset: number, length: number): [first: number, last: number] {
+    this.checkRange(offset, length);
+    const first = Math.floor(offset / this.regionSize);
+    return [first, length === 0 ? first - 1 : Math.floor((offset + length - 1) / this.regionSize)];
+  }
+
+  /**
+   * Set the bit of every region the range touches. null if all were set and on the file already
+   * (no allocation); else a promise that resolves once a write of their bytes that started after
+   * the bits were set has completed.
+   */
+  mark(offset: number, length: number): Promise<void> | null {
+    if (this.failure || this.closing) return Promise.reject(this.failure ? this.failedError() : this.closedError());
+    this.checkRange(offset, length);
+    if (length === 0) return null;
+    const bits = this.bits;
+    const first = Math.floor(offset / this.regionSize);
+    const last = Math.floor((offset + length - 1) / this.regionSize);
+    let needNext = false;
+    let needInflight = false;
+    for (let r = first; r <= last; r++) {
+      const k = r >>> 3;
+      const m = 1 << (r & 7);
+      if ((bits[k] & m) === 0) {
+        bits[k] |= m;
+        this.setCount++;
+        this.dirty.add(k);
+        needNext = true;
+      } else if (!needNext) {
+        // Set in memory, but maybe not on the file yet.
+        if (this.dirty.has(k)) needNext = true;
+        else if (this.inflight !== null && this.inflight.has(k)) needInflight = true;
+      }
+    }
+    if (needNext) return this.waitNext();
+    if (needInflight) return this.inflightDone!.promise;
+    return null;
+  }
+
+  /** Clear a region's bit in memory; the next flushDirty()/sync() (or any later write) persists it. */
+  clear(region: number): void {
+    if (this.closing) throw this.closedError();
+    this.checkRegion(region);
+    const k = region >>> 3;
+    const m = 1 << (region & 7);
+    if ((this.bits[k] & m) === 0) return;
+    this.bits[k] &= ~m;
+    this.setCount--;
+    this.dirty.add(k);
+  }
+
+  isSet(region: number): boolean {
+    this.checkRegion(region);
+    return (this.bits[region >>> 3] & (1 << (region & 7))) !== 0;
+  }
+
+  /** Number of set bits. */
+  get count(): number {
+    return this.setCount;
+  }
+
+  /** Every set region, ascending. */
+  setRegions(): number[] {
+    const out: number[] = [];
+    const bits = this.bits;
+    for (let k = 0; k < bits.length; k++) {
+      const b = bits[k];
+      if (b === 0) continue;
+      for (let i = 0; i < 8; i++) if (b & (1 << i)) out.push(k * 8 + i);
+    }
+    return out;
+  }
+
+  /** Write every in-memory change not yet on the file (set and cleared bits). */
+  flushDirty(): Promise<void> {
+    if (this.failure) return Promise.reject(this.failedError());
+    if (this.dirty.size > 0) return this.waitNext();
+    if (this.inflightDone) return this.inflightDone.promise;
+    return Promise.resolve();
+  }
+
+  /** flushDirty(), then fdatasync (shared with concurrent callers). */
+  async sync(): Promise<void> {
+    if (this.closing) throw this.closedError();
+    await this.flushDirty();
+    await this.syncer.sync();
+  }
+
+  /** Persist every change, fdatasync, close. */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      let err: unknown = null;
+      if (!this.failure) await this.flushDirty().catch((e: unknown) => { err = e; });
+      while (this.inflightDone) await this.inflightDone.promise.catch(() => undefined);
+      await this.syncer.idle();
+      if (!this.failure && !err) await fdatasync(this.fd).catch((e: unknown) => { err = e; });
+      await closeFd(this.fd);
+      if (err) throw err;
+    })();
+    return this.closing;
+  }
+
+  // ---- the writer ------------------------------------------------------------------------------
+
+  private waitNext(): Promise<void> {
+    const p = (this.next ??= deferred()).promise;
+    this.kick();
+    return p;
+  }
+
+  /** Start the next write if none is in flight and someone waits for one. */
+  private kick(): void {
+    if (this.inflight !== null || this.next === null) return;
+    const done = this.next;
+    this.next = null;
+    if (this.dirty.size === 0) return done.resolve();
+    const carried = this.dirty;
+    this.dirty = new Set();
+    this.inflight = carried;
+    this.inflightDone = done;
+
+    // Runs of nearby dirty bytes; each written with the bytes' value now (a copy: memory moves on).
+    const idx = [...carried].sort((a, b) => a - b);
+    const writes: Promise<void>[] = [];
+    const headerLen = bitmapHeader.span;
+    for (let i = 0; i < idx.length;) {
+      let j = i;
+      while (j + 1 < idx.length && idx[j + 1] - idx[j] <= COALESCE_GAP) j++;
+      const from = idx[i];
+      const to = idx[j] + 1;
+      writes.push(pwriteFull(this.fd, Buffer.from(this.bits.subarray(from, to)), headerLen + from));
+      i = j + 1;
+    }
+    Promise.all(writes).then(() => {
+      this.writeGen++;
+      this.finish(null, done);
+    }, (err: Error) => {
+      for (const k of carried) this.dirty.add(k);   // not known to be on the file: write again next time
+      this.finish(new BitmapError(`bitmap ${this.path}: write failed: ${err.message}`), done);
+    });
+  }
+
+  private finish(err: Error | null, done: Deferred): void {
+    this.inflight = null;
+    this.inflightDone = null;
+    if (err) done.reject(err);
+    else done.resolve();
+    this.kick();
+  }
+
+  // ---- checks ----------------------------------------------------------------------------------
+
+  private checkRange(offset: number, length: number): void {
+    if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0
+      && offset + length <= this.lunSize)) {
+      throw new RangeError(`bitmap ${this.path}: range ${offset}+${length} outside the LUN (${this.lunSize} bytes)`);
+    }
+  }
+
+  private checkRegion(region: number): void {
+    if (!(Number.isInteger(region) && region >= 0 && region < this.regions)) {
+      throw new RangeError(`bitmap ${this.path}: region ${region} outside 0..${this.regions - 1}`);
+    }
+  }
+
+  private failedError(): BitmapError {
+    return new BitmapError(`bitmap ${this.path}: the bitmap failed: ${this.failure!.message}`);
+  }
+
+  private closedError(): BitmapError {
+    return new BitmapError(`bitmap ${this.path}: the bitmap is closed`);
+  }
+}
+
+function regionCount(lunSize: number, regionSize: number): number {
+  return Math.ceil(lunSize / regionSize);
+}
+
+function popcount8(b: number): number {
+  b = b - ((b >> 1) & 0x55);
+  b = (b & 0x33) + ((b >> 2) & 0x33);
+  return (b + (b >> 4)) & 0x0f;
+}
+
+function encodeHeader(lunSize: number, regionSize: number): Buffer {
+  const buf = Buffer.alloc(bitmapHeader.span);
+  bitmapHeader.encode({ magic: BITMAP_MAGIC, version: BITMAP_VERSION, lunSize, regionSize, headerCrc: 0 }, buf);
+  buf.writeUInt32BE(crc32c(buf.subarray(0, BITMAP_CRC_COVERS)) >>> 0, BITMAP_CRC_COVERS);
+  return buf;
+}
+
+async function checkHeader(fd: number, path: string, size: number, lunSize: number, regionSize: number): Promise<void> {
+  const fail = (what: string) => new BitmapError(`bitmap ${path}: ${what}`);
+  const buf = Buffer.alloc(bitmapHeader.span);
+  if (await preadFull(fd, buf, 0, buf.length, 0) < buf.length) {
+    throw fail(`file of ${size} bytes is shorter than a bitmap header (not a region bitmap, or truncated)`);
+  }
+  const h = bitmapHeader.decode(buf);
+  if (!h.magic.equals(BITMAP_MAGIC)) throw fail(`not a region bitmap (bad magic ${JSON.stringify(h.magic.toString('latin1'))})`);
+  if (h.version !== BITMAP_VERSION) throw fail(`bitmap format version ${h.version}, this build reads version ${BITMAP_VERSION}`);
+  const crc = crc32c(buf.subarray(0, BITMAP_CRC_COVERS)) >>> 0;
+  if (crc !== h.headerCrc) throw fail(`header CRC mismatch (stored 0x${h.headerCrc.toString(16)}, computed 0x${crc.toString(16)}): corrupt header`);
+  if (h.lunSize !== lunSize || h.regionSize !== regionSize) {
+    const was = `LUN of ${h.lunSize} bytes with ${h.regionSize}-byte regions`;
+    const now = `${lunSize} bytes with ${regionSize}-byte regions`;
+    throw fail(`was made for a ${was}, now ${now}: the dirty regions it records do not map onto the new geometry`);
+  }
+}
