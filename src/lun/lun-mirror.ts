@@ -337,7 +337,8 @@ export class LunMirror {
   /** The link failed: journal every tracked request in sequence order; new writes follow them. */
   private enterOutage(reason: string): void {
     if (this.path !== 'live') {
-      if (this.state !== 'journaling' && this.state !== 'unpaired') this.transition('journaling', reason);
+      // Before the first pairing the LUN stays 'connecting' (its writes are journaled all the same).
+      if (this.state !== 'journaling' && this.state !== 'unpaired' && this.state !== 'connecting') this.transition('journaling', reason);
       return;
     }
     this.path = 'journal';
@@ -521,6 +522,11 @@ export class LunMirror {
       this.pool.disconnect(`peer failed a flush of LUN ${this.lun} (errno ${errno})`);
     }
     return errno;
+  }
+
+  /** Persist bits cleared since the last call (few bytes; keeps a crash's resync small). */
+  persistClears(): Promise<void> {
+    return this.store.bitmap.flushDirty();
   }
 
   /** Let requests already issued reach the peer (shutdown), for at most timeoutMs. */

@@ -62,6 +62,9 @@ export class MirrorSender {
     });
     heartbeat.on('tick', (now) => {
       this.monitor.tick();
+      for (const lun of this.mirrored) {
+        lun.mirror!.persistClears().catch((err: Error) => this.log.error('bitmap write failed', { lun: lun.name, error: err.message }));
+      }
       const { timeoutMs } = this.cfg.heartbeat;
       const silent = this.pool.elements.find((e) => e.status === 'up' && now - e.lastSeen > timeoutMs);
       // Heartbeats can flow while TCP is black-holed: requests unanswered for long also end the session.
