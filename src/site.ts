@@ -69,6 +69,7 @@ export class Site {
   private async openLun(lc: LunConfig): Promise<void> {
     const readOnly = lc.readOnly || lc.role === 'secondary';
     const backing = await Backing.open(lc.path, readOnly && lc.role !== 'secondary');
+    backing.fastPath = this.config.io.fastPath;
     const lun = new Lun({ ...lc }, backing);
     this.luns.add(lun);
     if (lc.role === 'primary' && lc.mirror !== 'none' && this.sender) await this.attachMirror(lun);

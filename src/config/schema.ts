@@ -145,6 +145,12 @@ export const schema = {
       probationMs: { doc: 'Uninterrupted heartbeats required after an outage before reconnecting.', format: 'nat', default: 10000 },
     },
   },
+  io: {
+    fastPath: {
+      doc: 'Serve page-cache hits and fast small writes on the event loop instead of the thread pool (a slow write turns it off for 1 s).',
+      format: Boolean, default: true, env: 'NBD_MIRROR_IO_FAST_PATH',
+    },
+  },
   shutdownTimeoutMs: {
     doc: 'On SIGTERM, how long in-flight requests may take before connections are closed anyway.',
     format: 'nat',
@@ -181,6 +187,7 @@ export interface SiteConfig {
   dataDir: string;
   admin: { host: string; port: number };
   luns: LunConfig[];
+  io: { fastPath: boolean };
   shutdownTimeoutMs: number;
   log: { level: 'error' | 'warn' | 'info' | 'debug'; format: 'json' | 'pretty' | 'auto' };
 }

@@ -4,8 +4,18 @@
 import fs from 'node:fs';
 import {
   FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
-  blkDiscard, blkGetSize64, blkZeroOut, fadviseWillNeed, fallocate, seekData, seekHole,
+  blkDiscard, blkGetSize64, blkZeroOut, fadviseWillNeed, fallocate, preadCached, seekData, seekHole,
 } from './native.js';
+
+// The fast path. A thread-pool hop costs more than a page-cache copy (measured here: 4k random
+// writes at QD16 went from ~39k to ~105k IOPS without it). So small I/O runs in place when it
+// cannot block on the device: reads take what the page cache holds (RWF_NOWAIT) and send only
+// misses to the pool; writes run in place while they stay fast, and one slow write (dirty-page
+// throttling, a device without cache) sends the LUN's writes to the pool for a while.
+const FAST_MAX = 256 * 1024;
+const SLOW_WRITE_MS = 2;
+const SLOW_BACKOFF_MS = 1000;
+const RESOLVED = Promise.resolve();
 
 export interface Extent {
   length: number;
@@ -29,6 +39,11 @@ export class Backing {
     readonly readOnly: boolean,
   ) {}
 
+  /** Set false to send all I/O through the thread pool (config io.fastPath). */
+  fastPath = true;
+  private fastReads = true;
+  private fastWritesAfter = 0;
+
   static async open(path: string, readOnly: boolean): Promise<Backing> {
     const st = await fs.promises.stat(path);
     if (!st.isFile() && !st.isBlockDevice()) {
@@ -51,6 +66,21 @@ export class Backing {
 
   /** Fill `buf` from `pos`; a short read inside the export means the device shrank: EIO. */
   read(buf: Buffer, pos: number): Promise<void> {
+    let start = 0;
+    if (this.fastPath && this.fastReads && buf.length <= FAST_MAX) {
+      try {
+        const n = preadCached(this.fd, buf, pos);
+        if (n < 0) this.fastReads = false;
+        else if (n === buf.length) return RESOLVED;
+        else start = n;
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    }
+    return this.readFrom(buf, pos, start);
+  }
+
+  private readFrom(buf: Buffer, pos: number, start: number): Promise<void> {
     return new Promise((resolve, reject) => {
       const step = (done: number): void => {
         fs.read(this.fd, buf, done, buf.length - done, pos + done, (err, n) => {
@@ -60,11 +90,23 @@ export class Backing {
           step(done + n);
         });
       };
-      step(0);
+      step(start);
     });
   }
 
   write(buf: Buffer, pos: number): Promise<void> {
+    if (this.fastPath && buf.length <= FAST_MAX && !this.readOnly) {
+      const now = performance.now();
+      if (now >= this.fastWritesAfter) {
+        try {
+          for (let done = 0; done < buf.length;) done += fs.writeSync(this.fd, buf, done, buf.length - done, pos + done);
+        } catch (err) {
+          return Promise.reject(err);
+        }
+        if (performance.now() - now > SLOW_WRITE_MS) this.fastWritesAfter = performance.now() + SLOW_BACKOFF_MS;
+        return RESOLVED;
+      }
+    }
     return new Promise((resolve, reject) => {
       const step = (done: number): void => {
         fs.write(this.fd, buf, done, buf.length - done, pos + done, (err, n) => {

@@ -8,6 +8,10 @@ const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, i
 const lseekFn = libc.func('int64_t lseek(int fd, int64_t offset, int whence)');
 const fadviseFn = libc.func('int posix_fadvise(int fd, int64_t offset, int64_t len, int advice)');
 const ioctlRangeFn = libc.func('int ioctl(int fd, unsigned long request, _Inout_ uint64_t *range)');
+const iovec = koffi.struct('nbdm_iovec', { base: 'void *', len: 'size_t' });
+const preadv2Fn = libc.func('int64_t preadv2(int fd, const nbdm_iovec *iov, int iovcnt, int64_t offset, int flags)');
+const RWF_NOWAIT = 0x08;
+const EAGAIN = 11;
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
@@ -71,6 +75,19 @@ export function seekData(fd: number, offset: number): number {
 }
 export function seekHole(fd: number, offset: number): number {
   return Number(lseekFn(fd, offset, SEEK_HOLE));
+}
+
+/**
+ * Read what the page cache already holds, without ever blocking on the device
+ * (preadv2 RWF_NOWAIT): the bytes read (possibly fewer than asked), or 0 if none were cached.
+ */
+export function preadCached(fd: number, buf: Buffer, offset: number): number {
+  const n = Number(preadv2Fn(fd, [{ base: buf, len: buf.length }], 1, offset, RWF_NOWAIT));
+  if (n >= 0) return n;
+  const errno = koffi.errno();
+  if (errno === EAGAIN) return 0;
+  if (errno === 95 || errno === 22) return -1;   // RWF_NOWAIT not supported here: never try again
+  throw sysError('preadv2');
 }
 
 /** Readahead hint for NBD_CMD_CACHE; posix_fadvise returns the error number itself. */
