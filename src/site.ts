@@ -1,6 +1,7 @@
 // A running site: its LUNs, the NBD listener for hosts, and the admin endpoint.
 import fs from 'node:fs';
 import type { AddressInfo } from 'node:net';
+import { Metrics, type MetricsSnapshot } from './admin/metrics.js';
 import { AdminServer } from './admin/server.js';
 import type { LunConfig, SiteConfig } from './config/schema.js';
 import type { Logger } from './log.js';
@@ -18,6 +19,7 @@ export class Site {
   readonly luns = new LunRegistry();
   private readonly nbd: NbdServer;
   private readonly admin: AdminServer;
+  private readonly metrics: Metrics;
   private readonly receiver: MirrorReceiver | null = null;
   private readonly sender: MirrorSender | null = null;
   private heartbeat: Heartbeat | null = null;
@@ -29,7 +31,8 @@ export class Site {
 
   private constructor(readonly config: SiteConfig, private readonly log: Logger) {
     this.nbd = new NbdServer(this.luns, log);
-    this.admin = new AdminServer(() => this.status());
+    this.metrics = new Metrics(() => this.status() as unknown as MetricsSnapshot);
+    this.admin = new AdminServer(() => this.status(), () => this.metrics.text());
     if (config.mirror) {
       const m = config.mirror;
       this.sender = new MirrorSender(config.site, m, log);
@@ -72,6 +75,7 @@ export class Site {
     backing.fastPath = this.config.io.fastPath;
     const lun = new Lun({ ...lc }, backing);
     this.luns.add(lun);
+    this.metrics.instrument(lun);
     if (lc.role === 'primary' && lc.mirror !== 'none' && this.sender) await this.attachMirror(lun);
     this.log.info('LUN opened', {
       lun: lc.name, path: lc.path, size: backing.size, role: lc.role, mirror: lc.mirror,

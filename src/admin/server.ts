@@ -3,11 +3,12 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 
 export type StatusSource = () => unknown;
+export type MetricsSource = () => Promise<string>;
 
 export class AdminServer {
   private readonly server: http.Server;
 
-  constructor(private readonly status: StatusSource) {
+  constructor(private readonly status: StatusSource, private readonly metrics: MetricsSource) {
     this.server = http.createServer((req, res) => this.route(req, res));
   }
 
@@ -25,6 +26,16 @@ export class AdminServer {
     const url = new URL(req.url ?? '/', 'http://admin');
     if (req.method !== 'GET') return send(res, 405, { error: 'method not allowed' });
     if (url.pathname === '/status') return send(res, 200, this.status());
+    if (url.pathname === '/metrics') {
+      this.metrics().then(
+        (text) => {
+          res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4; charset=utf-8' });
+          res.end(text);
+        },
+        (err: Error) => send(res, 500, { error: err.message }),
+      );
+      return;
+    }
     send(res, 404, { error: `no such endpoint ${url.pathname}` });
   }
 

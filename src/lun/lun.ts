@@ -30,6 +30,8 @@ export class Lun {
   };
   /** The sending half of the mirror (primary LUNs with mode sync/async). */
   mirror: LunMirror | null = null;
+  /** Per-request latency hook (NBD command type, seconds), set by the metrics module. */
+  latency: ((type: number, seconds: number) => void) | null = null;
 
   constructor(readonly spec: LunSpec, readonly backing: Backing) {}
 

@@ -43,6 +43,8 @@ export interface Request {
   offset: number;   // Number: u64 values at or above 2^53 are replaced by Infinity (always out of range)
   length: number;
   payload: Buffer | null;
+  /** performance.now() when the request was taken up (latency metrics). */
+  start: number;
 }
 
 /** Why a connection was dropped for a protocol violation (reported once by the server). */
@@ -100,6 +102,7 @@ export class Transmission implements FrameSink {
       offset: offsetHi >= 0x200000 ? Infinity : offsetHi * 0x100000000 + buf.readUInt32BE(at + 20),
       length: buf.readUInt32BE(at + 24),
       payload: null,
+      start: 0,
     };
     this.current = req;
     if (req.type !== CMD.WRITE) return 0;
@@ -260,6 +263,7 @@ export class Transmission implements FrameSink {
   // ---- replies and flow control ----------------------------------------------------------------
 
   private begin(req: Request): void {
+    req.start = performance.now();
     this.inflight++;
     this.inflightBytes += req.length;
     if (!this.paused && (this.inflightBytes > MAX_INFLIGHT_BYTES || this.inflight > MAX_INFLIGHT_REQUESTS)) {
@@ -296,6 +300,7 @@ export class Transmission implements FrameSink {
     }
     this.inflight--;
     this.inflightBytes -= req.length;
+    this.lun.latency?.(req.type, (performance.now() - req.start) / 1000);
     this.maybeResume();
     if (this.inflight === 0 && this.idleWaiters.length) {
       const waiters = this.idleWaiters;

@@ -1,0 +1,155 @@
+// Prometheus metrics (prom-client): latency histograms fed on the hot path through Lun.latency,
+// everything else read from the site's status snapshot at scrape time (one source of truth).
+import client from 'prom-client';
+import type { Lun } from '../lun/lun.js';
+import { CMD } from '../nbd/constants.js';
+
+const OPS: Record<number, string> = {
+  [CMD.READ]: 'read', [CMD.WRITE]: 'write', [CMD.FLUSH]: 'flush', [CMD.TRIM]: 'trim',
+  [CMD.CACHE]: 'cache', [CMD.WRITE_ZEROES]: 'write_zeroes', [CMD.BLOCK_STATUS]: 'block_status',
+};
+export const LUN_STATES = [
+  'standalone', 'connecting', 'uptodate', 'journaling', 'probation', 'replaying', 'resyncing', 'unpaired',
+  'secondary-uptodate', 'secondary-waiting',
+] as const;
+
+/** The slice of the status snapshot the metrics read (see Site.status()). */
+export interface MetricsSnapshot {
+  luns: Array<{
+    name: string; state: string; role: string;
+    counters: { readOps: number; readBytes: number; writeOps: number; writeBytes: number; errors: number };
+    inflight?: number; lagBytes?: number; dirtyRegions?: number;
+    mirrored?: { ops: number; bytes: number; failures: number };
+    journal?: { records: number; bytes: number; oldestAgeMs: number | null };
+    progress?: { replayTotal: number; replayDone: number; resyncTotal: number; resyncDone: number; startedMs: number };
+    applied?: { ops: number; bytes: number };
+  }>;
+  mirror?: {
+    connections: Array<{ status: string }>;
+    heartbeat?: { sent: number; received: number; ignored: Record<string, number>; lastReceivedMs: number | null; rttMs: number | null };
+  } | null;
+}
+
+export class Metrics {
+  readonly registry = new client.Registry();
+  private readonly latency: client.Histogram<'lun' | 'op'>;
+
+  constructor(snapshot: () => MetricsSnapshot) {
+    const r = this.registry;
+    client.collectDefaultMetrics({ register: r, prefix: 'nbd_mirror_' });
+    this.latency = new client.Histogram({
+      name: 'nbd_mirror_request_duration_seconds',
+      help: 'Host request latency, from the request read to its reply queued, by LUN and command.',
+      labelNames: ['lun', 'op'],
+      buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5],
+      registers: [r],
+    });
+
+    let snap: MetricsSnapshot | null = null;
+    const current = (): MetricsSnapshot => (snap ??= snapshot());
+    // One snapshot per scrape: the first collector takes it, a microtask later it is dropped.
+    const take = () => { const s = current(); queueMicrotask(() => { snap = null; }); return s; };
+
+    const perLun = (name: string, help: string, pick: (l: MetricsSnapshot['luns'][number]) => number | undefined | null, counter = false) => {
+      const opts = { name, help, labelNames: ['lun'] as const, registers: [r] };
+      if (counter) {
+        new client.Counter({
+          ...opts,
+          collect() {
+            this.reset();
+            for (const l of take().luns) { const v = pick(l); if (v != null) this.labels(l.name).inc(v); }
+          },
+        });
+      } else {
+        new client.Gauge({
+          ...opts,
+          collect() {
+            this.reset();
+            for (const l of take().luns) { const v = pick(l); if (v != null) this.labels(l.name).set(v); }
+          },
+        });
+      }
+    };
+    perLun('nbd_mirror_lun_read_ops_total', 'Host READ requests.', (l) => l.counters.readOps, true);
+    perLun('nbd_mirror_lun_read_bytes_total', 'Bytes read by hosts.', (l) => l.counters.readBytes, true);
+    perLun('nbd_mirror_lun_write_ops_total', 'Host WRITE requests.', (l) => l.counters.writeOps, true);
+    perLun('nbd_mirror_lun_write_bytes_total', 'Bytes written by hosts.', (l) => l.counters.writeBytes, true);
+    perLun('nbd_mirror_lun_errors_total', 'Host requests that failed on the backing store.', (l) => l.counters.errors, true);
+    perLun('nbd_mirror_mirrored_ops_total', 'Mirror requests sent to the peer.', (l) => l.mirrored?.ops, true);
+    perLun('nbd_mirror_mirrored_bytes_total', 'Bytes sent to the peer.', (l) => l.mirrored?.bytes, true);
+    perLun('nbd_mirror_mirror_failures_total', 'Mirror requests that failed (link or peer).', (l) => l.mirrored?.failures, true);
+    perLun('nbd_mirror_mirror_inflight_requests', 'Mirror requests issued and not yet answered.', (l) => l.inflight);
+    perLun('nbd_mirror_async_lag_bytes', 'Bytes of mirror requests in flight (async lag).', (l) => l.lagBytes);
+    perLun('nbd_mirror_journal_records', 'Records in the LUN journal.', (l) => l.journal?.records);
+    perLun('nbd_mirror_journal_bytes', 'Bytes in the LUN journal.', (l) => l.journal?.bytes);
+    perLun('nbd_mirror_journal_oldest_record_age_seconds', 'Age of the oldest journal record: the recovery point while the peer is away.',
+      (l) => (l.journal ? (l.journal.oldestAgeMs ?? 0) / 1000 : undefined));
+    perLun('nbd_mirror_dirty_regions', 'Regions marked in the dirty-region bitmap.', (l) => l.dirtyRegions);
+    perLun('nbd_mirror_replay_progress_ratio', 'Journal replay progress (0..1).',
+      (l) => (l.progress && l.progress.replayTotal ? l.progress.replayDone / l.progress.replayTotal : undefined));
+    perLun('nbd_mirror_resync_progress_ratio', 'Bitmap resync progress (0..1).',
+      (l) => (l.progress && l.progress.resyncTotal ? l.progress.resyncDone / l.progress.resyncTotal : undefined));
+    perLun('nbd_mirror_catchup_eta_seconds', 'Estimated time to finish the replay or resync under way.', (l) => catchupEta(l));
+    perLun('nbd_mirror_secondary_applied_ops_total', 'Mirror requests applied to this secondary.', (l) => l.applied?.ops, true);
+    perLun('nbd_mirror_secondary_applied_bytes_total', 'Bytes applied to this secondary.', (l) => l.applied?.bytes, true);
+
+    new client.Gauge({
+      name: 'nbd_mirror_lun_state', help: 'Mirror state of each LUN (1 for the current state).',
+      labelNames: ['lun', 'state'], registers: [r],
+      collect() {
+        this.reset();
+        for (const l of take().luns) for (const st of LUN_STATES) this.labels(l.name, st).set(l.state === st ? 1 : 0);
+      },
+    });
+    new client.Gauge({
+      name: 'nbd_mirror_peer_connections_up', help: 'Pool connections to the peer that are up.', registers: [r],
+      collect() { this.set(take().mirror?.connections.filter((c) => c.status === 'up').length ?? 0); },
+    });
+    const hb = () => take().mirror?.heartbeat;
+    new client.Counter({
+      name: 'nbd_mirror_heartbeats_sent_total', help: 'Heartbeat datagrams sent to the peer.', registers: [r],
+      collect() { this.reset(); this.inc(hb()?.sent ?? 0); },
+    });
+    new client.Counter({
+      name: 'nbd_mirror_heartbeats_received_total', help: 'Valid heartbeat datagrams received from the peer.', registers: [r],
+      collect() { this.reset(); this.inc(hb()?.received ?? 0); },
+    });
+    new client.Counter({
+      name: 'nbd_mirror_heartbeats_ignored_total', help: 'Heartbeat datagrams ignored, by reason (malformed, wrong site, replayed).',
+      labelNames: ['reason'], registers: [r],
+      collect() { this.reset(); for (const [k, v] of Object.entries(hb()?.ignored ?? {})) this.labels(k).inc(v); },
+    });
+    new client.Gauge({
+      name: 'nbd_mirror_heartbeat_silence_seconds', help: 'Time since the last valid heartbeat from the peer (heartbeat loss).', registers: [r],
+      collect() { const t = hb()?.lastReceivedMs; if (t != null) this.set((Date.now() - t) / 1000); },
+    });
+    new client.Gauge({
+      name: 'nbd_mirror_heartbeat_rtt_seconds', help: 'Heartbeat round-trip time to the peer.', registers: [r],
+      collect() { const rtt = hb()?.rttMs; if (rtt != null) this.set(rtt / 1000); },
+    });
+  }
+
+  /** Hook a LUN's hot path into the latency histogram (children cached: no label lookups per request). */
+  instrument(lun: Lun): void {
+    const children = new Map<number, client.Histogram.Internal<'lun' | 'op'>>();
+    for (const [type, op] of Object.entries(OPS)) children.set(Number(type), this.latency.labels(lun.name, op));
+    lun.latency = (type, seconds) => children.get(type)?.observe(seconds);
+  }
+
+  forget(lun: string): void {
+    for (const op of Object.values(OPS)) this.latency.remove(lun, op);
+  }
+
+  text(): Promise<string> {
+    return this.registry.metrics();
+  }
+}
+
+function catchupEta(l: MetricsSnapshot['luns'][number]): number | undefined {
+  const p = l.progress;
+  if (!p || !p.startedMs) return undefined;
+  const [done, total] = l.state === 'replaying' ? [p.replayDone, p.replayTotal] : l.state === 'resyncing' ? [p.resyncDone, p.resyncTotal] : [0, 0];
+  if (!total || done === 0) return undefined;
+  const elapsed = (Date.now() - p.startedMs) / 1000;
+  return (elapsed / done) * (total - done);
+}
