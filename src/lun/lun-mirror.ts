@@ -447,6 +447,7 @@ export class LunMirror {
       this.progress.replayTotal = journal.records;   // records stay until the reset after the replay
       lastSent = next.seq;
       this.pool.send(op);
+      this.logProgress('replay', this.progress.replayDone, this.progress.replayTotal);
     }
     // Caught up (nothing left, no append in flight): from here new writes go to the peer directly.
     this.path = 'live';
@@ -500,6 +501,7 @@ export class LunMirror {
         this.track(op);
         this.pool.send(op);
         this.doneHigh = seq;
+        this.logProgress('resync', this.progress.resyncDone, this.progress.resyncTotal);
       } finally {
         this.gate.leave(token);
       }
@@ -538,6 +540,18 @@ export class LunMirror {
       new Promise<void>((resolve) => { timer = setTimeout(resolve, timeoutMs); }),
     ]);
     clearTimeout(timer);
+  }
+
+  private lastProgressLog = 0;
+
+  /** Long work reports progress (with an ETA) at most every 5 s. */
+  private logProgress(what: 'replay' | 'resync', done: number, total: number): void {
+    const now = Date.now();
+    if (now - this.lastProgressLog < 5000 || done === 0) return;
+    this.lastProgressLog = now;
+    const elapsed = (now - this.progress.startedMs) / 1000;
+    const etaSeconds = Math.round((elapsed / done) * (total - done));
+    this.log.info(`${what} progress`, { lun: this.lun, done, total, percent: Math.floor((100 * done) / total), etaSeconds });
   }
 
   private transition(to: MirrorState, reason: string): void {
