@@ -93,7 +93,17 @@ async function serve(args: string[]): Promise<number> {
     };
     process.on('SIGTERM', () => stop('SIGTERM'));
     process.on('SIGINT', () => stop('SIGINT'));
-    process.on('SIGHUP', () => log.warn('SIGHUP: configuration reload is not supported yet; ignoring'));
+    process.on('SIGHUP', () => {
+      // Reload: a bad file is refused and the site keeps running with what it has.
+      let next;
+      try {
+        next = loadConfig(opts.values.config as string);
+      } catch (err) {
+        log.error('reload refused: configuration invalid', { error: (err as Error).message });
+        return;
+      }
+      site.reload(next).catch((err: Error) => log.error('reload failed', { error: err.message }));
+    });
   });
 }
 

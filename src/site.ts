@@ -5,6 +5,7 @@ import { Metrics, type MetricsSnapshot } from './admin/metrics.js';
 import { AdminServer } from './admin/server.js';
 import type { LunConfig, SiteConfig } from './config/schema.js';
 import type { Logger } from './log.js';
+import type { MirrorStore } from './lun/lun-mirror.js';
 import { Lun } from './lun/lun.js';
 import { LunRegistry } from './lun/registry.js';
 import { Heartbeat } from './health/heartbeat.js';
@@ -24,12 +25,12 @@ export class Site {
   private readonly sender: MirrorSender | null = null;
   private heartbeat: Heartbeat | null = null;
   private readonly recoveries = new Map<string, JournalRecovery>();
-  private readonly stores: { journal: Journal; bitmap: RegionBitmap }[] = [];
+  private readonly stores: MirrorStore[] = [];
   nbdAddress: AddressInfo | null = null;
   adminAddress: AddressInfo | null = null;
   mirrorAddress: AddressInfo | null = null;
 
-  private constructor(readonly config: SiteConfig, private readonly log: Logger) {
+  private constructor(public config: SiteConfig, private readonly log: Logger) {
     this.nbd = new NbdServer(this.luns, log);
     this.metrics = new Metrics(() => this.status() as unknown as MetricsSnapshot);
     this.admin = new AdminServer(() => this.status(), () => this.metrics.text());
@@ -83,13 +84,90 @@ export class Site {
     });
   }
 
+  /**
+   * SIGHUP: add the LUNs new in `next`, remove those gone from it; other LUNs and their hosts are
+   * untouched. A LUN whose settings changed, or other changed keys, need a restart (logged).
+   */
+  async reload(next: SiteConfig): Promise<{ added: string[]; removed: string[]; unchanged: string[] }> {
+    const { luns: _old, ...oldRest } = this.config;
+    const { luns: _new, ...newRest } = next;
+    if (JSON.stringify(oldRest) !== JSON.stringify(newRest)) {
+      this.log.warn('reload: only LUNs are added or removed; other changed keys take effect at the next restart');
+    }
+    const before = new Map(this.config.luns.map((l) => [l.name, l]));
+    const after = new Map(next.luns.map((l) => [l.name, l]));
+    const added: string[] = [];
+    const removed: string[] = [];
+    const unchanged: string[] = [];
+    for (const [name, lc] of before) {
+      const n = after.get(name);
+      if (!n) continue;
+      if (JSON.stringify(n) !== JSON.stringify(lc)) {
+        this.log.warn('reload: LUN settings changed; remove and re-add it, or restart, to apply', { lun: name });
+      }
+      unchanged.push(name);
+    }
+    let mirrorChanged = false;
+    let secondaryAdded = false;
+    for (const [name, lc] of before) {
+      if (after.has(name)) continue;
+      mirrorChanged ||= lc.role === 'primary' && lc.mirror !== 'none';
+      await this.removeLun(name);
+      removed.push(name);
+    }
+    for (const [name, lc] of after) {
+      if (before.has(name)) continue;
+      try {
+        await this.openLun(lc);
+        added.push(name);
+        mirrorChanged ||= lc.role === 'primary' && lc.mirror !== 'none';
+        secondaryAdded ||= lc.role === 'secondary';
+      } catch (err) {
+        this.log.error('reload: cannot add LUN', { lun: name, error: (err as Error).message });
+      }
+    }
+    this.config = { ...this.config, luns: this.config.luns.filter((l) => after.has(l.name)).concat(next.luns.filter((l) => added.includes(l.name))) };
+    if (mirrorChanged) this.sender?.resession('the mirrored LUNs changed');
+    if (secondaryAdded) this.receiver?.dropSessions('a secondary LUN was added: the peer offers again');
+    this.log.info('reloaded', { added, removed, unchanged });
+    return { added, removed, unchanged };
+  }
+
+  private async removeLun(name: string): Promise<void> {
+    const lun = this.luns.get(name);
+    if (!lun) return;
+    this.nbd.dropLun(name);
+    this.luns.remove(name);
+    this.metrics.forget(name);
+    if (lun.mirror) {
+      await lun.mirror.drain(this.config.shutdownTimeoutMs);
+      const journal = lun.mirror.journalStatus();
+      if (journal.records > 0) {
+        this.log.warn('removed LUN still has journaled changes the peer lacks; they are kept and sent if it is added back', {
+          lun: name, records: journal.records,
+        });
+      }
+      this.sender?.detach(lun);
+      const i = this.stores.findIndex((st) => st === lun.mirror!.storeRef);
+      if (i >= 0) {
+        const [st] = this.stores.splice(i, 1);
+        await st.bitmap.close().catch(() => undefined);
+        await st.journal.close().catch(() => undefined);
+      }
+    }
+    if (lun.spec.role === 'secondary') this.receiver?.dropSessions(`secondary LUN ${name} removed`);
+    await lun.close();
+    this.log.info('LUN removed', { lun: name });
+  }
+
   /** Open (and recover) a mirrored LUN's journal and bitmap under dataDir. */
   private async attachMirror(lun: Lun): Promise<void> {
     const m = this.config.mirror!;
     const base = `${this.config.dataDir}/${lun.name}`;
     const { journal, recovery } = await Journal.open(`${base}.journal`, lun.name, lun.size);
     const bitmap = await RegionBitmap.open(`${base}.bitmap`, lun.size, m.journal.regionSize);
-    this.stores.push({ journal, bitmap });
+    const store: MirrorStore = { journal, bitmap, maxJournalBytes: m.journal.maxBytes };
+    this.stores.push(store);
     this.recoveries.set(lun.name, recovery);
     if (recovery.corrupt) {
       this.log.error('journal corrupt: valid records kept, the rest is resynced from the dirty bitmap', {
@@ -98,7 +176,7 @@ export class Site {
     } else if (recovery.tornTailBytes > 0) {
       this.log.info('journal had a torn tail (a write cut off by a crash); dropped', { lun: lun.name, bytes: recovery.tornTailBytes });
     }
-    const mirror = this.sender!.attach(lun, { journal, bitmap, maxJournalBytes: m.journal.maxBytes })!;
+    const mirror = this.sender!.attach(lun, store)!;
     mirror.recover();
   }
 

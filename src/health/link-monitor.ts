@@ -136,6 +136,14 @@ export class LinkMonitor extends EventEmitter<LinkMonitorEvents> {
   }
 
   /** The pool went down: a failed session → 'down' (and a new probation); see the header. */
+  /**
+   * A deliberate reconnect (e.g. a reload changed the LUNs on offer): from 'up', go straight to
+   * 'ready' — no outage happened, so no probation — and the pool's coming 'down' is ignored.
+   */
+  restart(reason: string): void {
+    if (this.state === 'up') this.go('ready', reason);
+  }
+
   connectionLost(reason: string): void {
     switch (this.state) {
       case 'down':

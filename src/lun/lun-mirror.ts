@@ -526,6 +526,11 @@ export class LunMirror {
     return errno;
   }
 
+  /** The journal and bitmap this mirror writes (the site closes them when the LUN goes). */
+  get storeRef(): MirrorStore {
+    return this.store;
+  }
+
   /** Persist bits cleared since the last call (few bytes; keeps a crash's resync small). */
   persistClears(): Promise<void> {
     return this.store.bitmap.flushDirty();

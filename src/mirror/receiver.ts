@@ -127,6 +127,12 @@ export class MirrorReceiver {
     return answer(status);
   }
 
+  /** Close every connection from the peer, so it reconnects and offers its LUNs again (a reload changed ours). */
+  dropSessions(reason: string): void {
+    if (this.sockets.size) this.log.info('closing mirror connections from the peer', { reason });
+    for (const s of this.sockets) s.destroy();
+  }
+
   async close(): Promise<void> {
     const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
     for (const s of this.sockets) s.destroy();

@@ -85,6 +85,21 @@ export class MirrorSender {
     void this.pool.connect(offers).finally(() => { this.connecting = false; });
   }
 
+  /** Stop mirroring a LUN (removed by a reload); the session restarts with the new offers. */
+  detach(lun: Lun): void {
+    const i = this.mirrored.indexOf(lun);
+    if (i < 0) return;
+    this.mirrored.splice(i, 1);
+    this.resession(`LUN ${lun.name} removed`);
+  }
+
+  /** Re-establish the session without an outage (offers changed): no probation, writes journal meanwhile. */
+  resession(reason: string): void {
+    if (this.pool.state === 'down') return;
+    this.monitor.restart(reason);
+    this.pool.disconnect(`renegotiating: ${reason}`);
+  }
+
   /** Let mirror requests already issued reach the peer (async mode), for at most timeoutMs. */
   async drain(timeoutMs: number): Promise<void> {
     await Promise.all(this.mirrored.map((l) => l.mirror!.drain(timeoutMs)));
