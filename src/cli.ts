@@ -5,6 +5,8 @@ import { ConfigError, loadConfig } from './config/load.js';
 import { createLogger } from './log.js';
 import { Site } from './site.js';
 import { formatStatus, fetchStatus } from './admin/client.js';
+import { describeSchema, formatSchema } from './config/describe.js';
+import { formatJournalReport, inspectJournal } from './journal/inspect.js';
 
 /** Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error, 3 admin endpoint unreachable. */
 const EXIT_OK = 0;
@@ -16,9 +18,11 @@ const HELP: Record<string, string> = {
   main: `nbd-mirror — NBD block storage mirrored between two sites
 
 Usage:
-  nbd-mirror serve --config FILE          run a site (NBD listener, mirror, admin endpoint)
-  nbd-mirror status --config FILE [--json] show LUN roles, modes, states and counters
-  nbd-mirror config check FILE             validate a configuration without serving
+  nbd-mirror serve --config FILE                     run a site (NBD listener, mirror, admin endpoint)
+  nbd-mirror status --config FILE [--json] [--watch] show LUN roles, modes, states and counters
+  nbd-mirror config check FILE                       validate a configuration without serving
+  nbd-mirror config schema [--json]                  every configuration key: doc, default, env variable
+  nbd-mirror journal inspect LUN --config FILE [--json]  a LUN's journal: records, bytes, oldest age
 
 Exit codes: 0 ok, 1 failure, 2 usage or configuration error, 3 site not reachable.
 Run 'nbd-mirror COMMAND --help' for a command's options.`,
@@ -26,12 +30,20 @@ Run 'nbd-mirror COMMAND --help' for a command's options.`,
 
 Serves the site's LUNs over NBD until SIGTERM/SIGINT, then finishes in-flight requests and exits 0.
 Logs go to stdout (JSON lines unless log.format is pretty or stdout is a terminal).`,
-  status: `Usage: nbd-mirror status --config FILE [--json]
+  status: `Usage: nbd-mirror status --config FILE [--json] [--watch [SECONDS]]
 
-Asks the running site's admin endpoint (admin.host:admin.port of FILE) for its status.`,
+Asks the running site's admin endpoint (admin.host:admin.port of FILE) for its status.
+--watch redraws the table every 2 seconds (or SECONDS) until interrupted.`,
   config: `Usage: nbd-mirror config check FILE
+       nbd-mirror config schema [--json]
 
-Validates FILE against the schema and checks every LUN path; prints "ok" or one line per problem.`,
+check: validates FILE against the schema and checks every LUN path; prints "FILE: ok" or
+one line naming the key and the problem (exit 2).
+schema: prints every key with its doc, default and environment variable.`,
+  journal: `Usage: nbd-mirror journal inspect LUN --config FILE [--json]
+
+Reads the LUN's journal under dataDir (read-only, safe while the site runs) and prints its
+records, bytes and the age of the oldest record; --json adds every record's header.`,
 };
 
 async function main(argv: string[]): Promise<number> {
@@ -44,6 +56,7 @@ async function main(argv: string[]): Promise<number> {
     case 'serve': return serve(rest);
     case 'status': return status(rest);
     case 'config': return config(rest);
+    case 'journal': return journal(rest);
     default:
       console.error(`nbd-mirror: unknown command "${command}"\n\n${HELP.main}`);
       return EXIT_USAGE;
@@ -108,29 +121,60 @@ async function serve(args: string[]): Promise<number> {
 }
 
 async function status(args: string[]): Promise<number> {
-  const opts = options(args, { config: { type: 'string', short: 'c' }, json: { type: 'boolean' } }, HELP.status);
+  const opts = options(args, {
+    config: { type: 'string', short: 'c' }, json: { type: 'boolean' }, watch: { type: 'boolean', short: 'w' },
+  }, HELP.status);
   if (!opts) return EXIT_OK;
   if (!opts.values.config) throw new UsageError(`status needs --config FILE\n\n${HELP.status}`);
   const cfg = loadConfig(opts.values.config as string);
-  let body: unknown;
-  try {
-    body = await fetchStatus(cfg.admin.host, cfg.admin.port);
-  } catch (err) {
-    console.error(`nbd-mirror: site "${cfg.site}" not reachable at ${cfg.admin.host}:${cfg.admin.port}: ${(err as Error).message}`);
-    return EXIT_UNREACHABLE;
+  const once = async (): Promise<number> => {
+    let body: unknown;
+    try {
+      body = await fetchStatus(cfg.admin.host, cfg.admin.port);
+    } catch (err) {
+      console.error(`nbd-mirror: site "${cfg.site}" not reachable at ${cfg.admin.host}:${cfg.admin.port}: ${(err as Error).message}`);
+      return EXIT_UNREACHABLE;
+    }
+    console.log(opts.values.json ? JSON.stringify(body, null, 2) : formatStatus(body));
+    return EXIT_OK;
+  };
+  if (!opts.values.watch) return once();
+  const seconds = Number(opts.positionals[0] ?? 2);
+  if (!(seconds > 0)) throw new UsageError(`--watch takes a number of seconds\n\n${HELP.status}`);
+  for (;;) {
+    if (process.stdout.isTTY) process.stdout.write('\x1b[H\x1b[2J');
+    console.log(new Date().toISOString());
+    await once();
+    await new Promise((r) => setTimeout(r, seconds * 1000));
   }
-  console.log(opts.values.json ? JSON.stringify(body, null, 2) : formatStatus(body));
-  return EXIT_OK;
 }
 
 async function config(args: string[]): Promise<number> {
-  const opts = options(args, {}, HELP.config);
+  const opts = options(args, { json: { type: 'boolean' } }, HELP.config);
   if (!opts) return EXIT_OK;
   const [sub, file] = opts.positionals;
+  if (sub === 'schema') {
+    const keys = describeSchema();
+    console.log(opts.values.json ? JSON.stringify(keys, null, 2) : formatSchema(keys));
+    return EXIT_OK;
+  }
   if (sub !== 'check' || !file) throw new UsageError(HELP.config);
   loadConfig(file);
   console.log(`${file}: ok`);
   return EXIT_OK;
+}
+
+async function journal(args: string[]): Promise<number> {
+  const opts = options(args, { config: { type: 'string', short: 'c' }, json: { type: 'boolean' } }, HELP.journal);
+  if (!opts) return EXIT_OK;
+  const [sub, lunName] = opts.positionals;
+  if (sub !== 'inspect' || !lunName || !opts.values.config) throw new UsageError(HELP.journal);
+  const cfg = loadConfig(opts.values.config as string);
+  const lun = cfg.luns.find((l) => l.name === lunName);
+  if (!lun) throw new UsageError(`no LUN "${lunName}" in ${opts.values.config}`);
+  const report = await inspectJournal(`${cfg.dataDir}/${lunName}.journal`, lunName, lun.path);
+  console.log(opts.values.json ? JSON.stringify(report, null, 2) : formatJournalReport(report));
+  return report.corrupt ? EXIT_FAIL : EXIT_OK;
 }
 
 main(process.argv.slice(2)).then(

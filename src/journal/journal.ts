@@ -149,6 +149,27 @@ export class Journal {
   }
 
   /**
+   * Read-only look at a journal (safe while the site runs): its records in seq order and, if a
+   * record is bad, where and why. Nothing is truncated or copied.
+   */
+  static async inspect(path: string, lunName: string, lunSize: number): Promise<{
+    entries: JournalEntry[]; bytes: number; bad: null | { offset: number; reason: string; corrupt: boolean };
+  }> {
+    const name = Buffer.from(lunName, 'utf8');
+    const fd = await openFile(path, fs.constants.O_RDONLY);
+    try {
+      const size = await fstatSize(fd);
+      await checkHeader(fd, path, size, name, lunName, lunSize);
+      const headerLen = encodeJournalHeader(name, lunSize).length;
+      const scan = await scanRecords(fd, headerLen, size, lunSize);
+      scan.entries.sort((a, b) => a.seq - b.seq);
+      return { entries: scan.entries, bytes: (scan.bad ? scan.bad.offset : size) - headerLen, bad: scan.bad };
+    } finally {
+      await closeFd(fd).catch(() => undefined);
+    }
+  }
+
+  /**
    * Append a record. Appends are written in call order; the promise resolves once the record's
    * bytes are in the file (page cache; sync() makes them durable) and it is in entries().
    * `rec.data` must stay unchanged until then.
