@@ -388,6 +388,11 @@ export class LunMirror {
     for (const r of this.store.bitmap.setRegions()) this.resyncNeeded.add(r);
     await this.store.journal.reset();
     await this.store.bitmap.sync();
+    // The dropped records' sequence numbers will never be answered: the resync stands for them
+    // (the next offer skips the peer past them), so nothing issued so far is outstanding.
+    this.answered.clear();
+    this.ackedPrefix = this.nextSeq - 1;
+    this.releaseFlushWaiters();
   }
 
   // ---- catching up: replay, then resync, then live ------------------------------------------
