@@ -8,7 +8,7 @@ declare -A need=(
   [nbdkit]=nbdkit [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=nbdfuse
   [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils [fio]=fio [fusermount3]=fuse3
   [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs [nbd-client]=nbd-client [iptables]=iptables
-  [ss]=iproute2 [losetup]=mount
+  [ss]=iproute2 [losetup]=mount [systemd-analyze]=systemd [qemu-system-x86_64]=qemu-system-x86
 )
 extra=("$@")   # callers may ask for more packages (e.g. bench: nbd-server)
 

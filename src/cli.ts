@@ -5,8 +5,10 @@ import { ConfigError, loadConfig } from './config/load.js';
 import { createLogger } from './log.js';
 import { Site } from './site.js';
 import { formatStatus, fetchStatus } from './admin/client.js';
+import { notify, startWatchdog } from './admin/systemd.js';
 import { describeSchema, formatSchema } from './config/describe.js';
 import { formatJournalReport, inspectJournal } from './journal/inspect.js';
+import { JournalError } from './journal/journal.js';
 
 /** Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error, 3 admin endpoint unreachable. */
 const EXIT_OK = 0;
@@ -93,11 +95,21 @@ async function serve(args: string[]): Promise<number> {
     admin: `${site.adminAddress!.address}:${site.adminAddress!.port}`,
     luns: site.luns.all().map((l) => l.name),
   });
+  // systemd (Type=notify): ready once every LUN is open and the listeners are bound; the
+  // watchdog is fed only while the event loop keeps up (a stuck loop gets the service restarted).
+  notify(`READY=1\nSTATUS=serving ${site.luns.all().length} LUNs`);
+  let lastTick = performance.now();
+  const lagTimer = setInterval(() => { lastTick = performance.now(); }, 500);
+  lagTimer.unref();
+  const stopWatchdog = startWatchdog(() => performance.now() - lastTick < 5000);
   return new Promise<number>((resolve) => {
     let stopping = false;
     const stop = (signal: string) => {
       if (stopping) return;
       stopping = true;
+      notify('STOPPING=1');
+      stopWatchdog();
+      clearInterval(lagTimer);
       log.info('shutting down', { signal });
       site.stop().then(
         () => { log.info('stopped'); resolve(EXIT_OK); },
@@ -109,13 +121,17 @@ async function serve(args: string[]): Promise<number> {
     process.on('SIGHUP', () => {
       // Reload: a bad file is refused and the site keeps running with what it has.
       let next;
+      notify('RELOADING=1');
       try {
         next = loadConfig(opts.values.config as string);
       } catch (err) {
         log.error('reload refused: configuration invalid', { error: (err as Error).message });
+        notify('READY=1');
         return;
       }
-      site.reload(next).catch((err: Error) => log.error('reload failed', { error: err.message }));
+      site.reload(next)
+        .catch((err: Error) => log.error('reload failed', { error: err.message }))
+        .finally(() => notify(`READY=1\nSTATUS=serving ${site.luns.all().length} LUNs`));
     });
   });
 }
@@ -182,6 +198,10 @@ main(process.argv.slice(2)).then(
   (err: Error) => {
     if (err instanceof ConfigError) {
       console.error(`nbd-mirror: config error: ${err.message}`);
+      process.exitCode = EXIT_USAGE;
+    } else if (err instanceof JournalError) {
+      // A journal for another LUN or size: restarting cannot help (the unit does not restart on 2).
+      console.error(`nbd-mirror: ${err.message}; move the journal aside (its changes are then resynced from the dirty bitmap) or restore the LUN`);
       process.exitCode = EXIT_USAGE;
     } else if (err instanceof UsageError) {
       console.error(`nbd-mirror: ${err.message}`);

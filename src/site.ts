@@ -9,7 +9,7 @@ import type { MirrorStore } from './lun/lun-mirror.js';
 import { Lun } from './lun/lun.js';
 import { LunRegistry } from './lun/registry.js';
 import { Heartbeat } from './health/heartbeat.js';
-import { RegionBitmap } from './journal/bitmap.js';
+import { BitmapError, RegionBitmap } from './journal/bitmap.js';
 import { Journal, type JournalRecovery } from './journal/journal.js';
 import { MirrorReceiver } from './mirror/receiver.js';
 import { MirrorSender } from './mirror/sender.js';
@@ -160,12 +160,34 @@ export class Site {
     this.log.info('LUN removed', { lun: name });
   }
 
+  /**
+   * The LUN's dirty bitmap. One written for another region size (config changed) cannot be
+   * read: it is set aside and replaced by one with every region marked, so the LUN resyncs whole
+   * rather than the site refusing to start.
+   */
+  private async openBitmap(path: string, lun: Lun, regionSize: number): Promise<RegionBitmap> {
+    try {
+      return await RegionBitmap.open(path, lun.size, regionSize);
+    } catch (err) {
+      if (!(err instanceof BitmapError)) throw err;
+      const aside = `${path}.unusable-${Date.now()}`;
+      fs.renameSync(path, aside);
+      const bitmap = await RegionBitmap.open(path, lun.size, regionSize);
+      await bitmap.mark(0, lun.size);
+      await bitmap.sync();
+      this.log.warn('dirty bitmap unusable (region size or LUN size changed): every region marked for resync', {
+        lun: lun.name, error: err.message, savedAs: aside,
+      });
+      return bitmap;
+    }
+  }
+
   /** Open (and recover) a mirrored LUN's journal and bitmap under dataDir. */
   private async attachMirror(lun: Lun): Promise<void> {
     const m = this.config.mirror!;
     const base = `${this.config.dataDir}/${lun.name}`;
     const { journal, recovery } = await Journal.open(`${base}.journal`, lun.name, lun.size);
-    const bitmap = await RegionBitmap.open(`${base}.bitmap`, lun.size, m.journal.regionSize);
+    const bitmap = await this.openBitmap(`${base}.bitmap`, lun, m.journal.regionSize);
     const store: MirrorStore = { journal, bitmap, maxJournalBytes: m.journal.maxBytes };
     this.stores.push(store);
     this.recoveries.set(lun.name, recovery);
@@ -214,7 +236,7 @@ export class Site {
     // While the link waits out its probation, a LUN with changes to send shows it.
     const state = m.state === 'journaling' && this.sender!.monitor.state === 'probation' ? 'probation' : m.state;
     return {
-      ...base, state, reason: m.reason, path: m.path,
+      ...base, state, reason: m.reason, writePath: m.path,
       mirrored: m.stats, inflight: m.inflight, lagBytes: m.inflightBytes,
       journal, dirtyRegions: m.dirtyRegions, resyncPending: m.resyncNeeded.size,
       progress: m.progress,

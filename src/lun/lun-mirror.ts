@@ -384,6 +384,9 @@ export class LunMirror {
     this.path = 'bitmap';
     for (const r of this.store.bitmap.setRegions()) this.resyncNeeded.add(r);
     this.log.warn('LUN journal collapsed into the dirty bitmap', { lun: this.lun, reason, regions: this.resyncNeeded.size });
+    if (this.state === 'journaling') {
+      this.transition('journaling', `${reason}: changes are tracked in the dirty bitmap and resynced after reconnect (the secondary is inconsistent during that resync)`);
+    }
     while (this.appendsInFlight > 0) await new Promise<void>((r) => this.appendsIdle.push(r));
     for (const r of this.store.bitmap.setRegions()) this.resyncNeeded.add(r);
     await this.store.journal.reset();

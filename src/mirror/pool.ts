@@ -31,6 +31,7 @@ export class MirrorPool extends EventEmitter<PoolEvents> {
   peerSite = '';
   private next = 0;
   private generation = 0;
+  private lastFailure = '';
 
   constructor(private readonly opts: PoolOptions, private readonly log: Logger) {
     super();
@@ -96,8 +97,11 @@ export class MirrorPool extends EventEmitter<PoolEvents> {
     this.state = 'down';
     this.generation++;
     for (const e of this.elements) e.close(reason);
-    if (wasUp) this.log.warn('mirror link down', { peer: `${this.opts.peerHost}:${this.opts.peerPort}`, reason });
-    else this.log.info('mirror connect failed', { peer: `${this.opts.peerHost}:${this.opts.peerPort}`, reason });
+    const peer = `${this.opts.peerHost}:${this.opts.peerPort}`;
+    if (wasUp) this.log.warn('mirror link down', { peer, reason });
+    else if (reason !== this.lastFailure) this.log.warn('mirror connect failed', { peer, reason });   // once per new reason
+    else this.log.debug('mirror connect failed', { peer, reason });
+    this.lastFailure = wasUp ? '' : reason;
     this.emit('down', reason);
   }
 }
