@@ -225,8 +225,17 @@ export class LunMirror {
   /** FLUSH: local data, journal and bitmap durable; with the peer reachable, the peer's too. */
   async flush(): Promise<void> {
     const local = Promise.all([this.backing.flush(), this.store.journal.sync(), this.store.bitmap.sync()]);
-    if (this.path === 'live') await Promise.all([local, this.peerFlush()]);
-    else await local;
+    if (this.path !== 'live') return void (await local);
+    const [, errno] = await Promise.all([local, this.peerFlush()]);
+    if (errno !== 0) {
+      // The link failed under the flush: the writes it covers went to the journal meanwhile.
+      await this.appendsSettled();
+      await Promise.all([this.store.journal.sync(), this.store.bitmap.sync()]);
+    }
+  }
+
+  private async appendsSettled(): Promise<void> {
+    while (this.appendsInFlight > 0) await new Promise<void>((r) => this.appendsIdle.push(r));
   }
 
   /**
@@ -349,7 +358,8 @@ export class LunMirror {
       op.journaled = this.append(op.type, op.flags, op.seq, op.dep, op.offset, op.length, op.payload);
     }
     this.answered.clear();
-    this.releaseFlushWaiters();
+    // Flushes waiting for answers that will not come now: they fall back to the journal.
+    for (const w of this.flushWaiters.splice(0)) w.resolve();
   }
 
   /** Append a change to the journal (durable first in sync mode); overflow turns to the bitmap. */
@@ -387,7 +397,7 @@ export class LunMirror {
     if (this.state === 'journaling') {
       this.transition('journaling', `${reason}: changes are tracked in the dirty bitmap and resynced after reconnect (the secondary is inconsistent during that resync)`);
     }
-    while (this.appendsInFlight > 0) await new Promise<void>((r) => this.appendsIdle.push(r));
+    await this.appendsSettled();
     for (const r of this.store.bitmap.setRegions()) this.resyncNeeded.add(r);
     await this.store.journal.reset();
     await this.store.bitmap.sync();
