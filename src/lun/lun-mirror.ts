@@ -34,6 +34,7 @@ export interface MirrorStore {
 }
 
 const REPLAY_WINDOW_BYTES = 64 * 1024 * 1024;
+const REPLAY_BATCH_BYTES = 8 * 1024 * 1024;
 const RESYNC_WINDOW_BYTES = 32 * 1024 * 1024;
 
 class PendingOp implements MirrorOp {
@@ -281,7 +282,7 @@ export class LunMirror {
         this.log.warn('the peer failed a mirror request', { lun: this.lun, seq: op.seq, errno });
         this.pool.disconnect(`peer failed a request of LUN ${this.lun} (errno ${errno})`);
       }
-      this.enterOutage(errno === ENOTCONN ? 'link failure' : `peer error ${errno}`);
+      this.enterOutage(errno === ENOTCONN ? `link failure: ${this.pool.downReason || 'connection lost'}` : `peer error ${errno}`);
     } else {
       this.answered.add(op.seq);
       while (this.answered.delete(this.ackedPrefix + 1)) {
@@ -445,10 +446,11 @@ export class LunMirror {
     let lastSent = 0;
     for (;;) {
       if (!this.linkUp || this.path !== 'journal') return;
-      const next = firstAfter(journal.entries(), lastSent);
-      if (!next) {
+      const entries = journal.entries();
+      const from = firstIndexAfter(entries, lastSent);
+      if (from >= entries.length) {
         if (this.appendsInFlight > 0) {
-          await new Promise<void>((r) => this.appendsIdle.push(r));
+          await this.appendsSettled();
           continue;
         }
         break;
@@ -457,14 +459,27 @@ export class LunMirror {
         await this.sleep();
         continue;
       }
-      const data = next.kind === JOURNAL_KIND.WRITE ? await journal.readData(next) : null;
+      // A batch of records (up to REPLAY_BATCH_BYTES), their data read together.
+      const batch: JournalEntry[] = [];
+      let bytes = 0;
+      for (let k = from; k < entries.length && bytes < REPLAY_BATCH_BYTES; k++) {
+        batch.push(entries[k]);
+        bytes += entries[k].length;
+      }
+      const writes = batch.filter((e) => e.kind === JOURNAL_KIND.WRITE);
+      const datas = await journal.readDataMany(writes);
       if (!this.linkUp || this.path !== 'journal') return;
-      const type = next.kind === JOURNAL_KIND.WRITE ? MIRROR_OP.WRITE : MIRROR_OP.WRITE_ZEROES;
-      const op = new PendingOp(this, type, next.flags, this.lunId, next.seq, next.dep, next.offset, next.length, data, 'replay');
-      this.replayBytes += next.length;
+      let w = 0;
+      for (const e of batch) {
+        const isWrite = e.kind === JOURNAL_KIND.WRITE;
+        const data = isWrite ? datas[w++] : null;
+        const op = new PendingOp(this, isWrite ? MIRROR_OP.WRITE : MIRROR_OP.WRITE_ZEROES, e.flags, this.lunId, e.seq, e.dep,
+          e.offset, e.length, data, 'replay');
+        this.replayBytes += e.length;
+        lastSent = e.seq;
+        this.pool.send(op);
+      }
       this.progress.replayTotal = journal.records;   // records stay until the reset after the replay
-      lastSent = next.seq;
-      this.pool.send(op);
       this.logProgress('replay', this.progress.replayDone, this.progress.replayTotal);
     }
     // Caught up (nothing left, no append in flight): from here new writes go to the peer directly.
@@ -588,8 +603,8 @@ export class LunMirror {
   }
 }
 
-/** The first journal entry with a sequence number above `seq` (entries are sorted by seq). */
-function firstAfter(entries: readonly JournalEntry[], seq: number): JournalEntry | undefined {
+/** Index of the first journal entry with a sequence number above `seq` (entries are sorted by seq). */
+function firstIndexAfter(entries: readonly JournalEntry[], seq: number): number {
   let lo = 0;
   let hi = entries.length;
   while (lo < hi) {
@@ -597,5 +612,5 @@ function firstAfter(entries: readonly JournalEntry[], seq: number): JournalEntry
     if (entries[mid].seq <= seq) lo = mid + 1;
     else hi = mid;
   }
-  return entries[lo];
+  return lo;
 }

@@ -31,6 +31,8 @@ export class MirrorPool extends EventEmitter<PoolEvents> {
   peerSite = '';
   private next = 0;
   private generation = 0;
+  /** Why the session last went down (for the LUNs' state reasons). */
+  downReason = '';
   private lastFailure = '';
 
   constructor(private readonly opts: PoolOptions, private readonly log: Logger) {
@@ -95,6 +97,7 @@ export class MirrorPool extends EventEmitter<PoolEvents> {
     if (generation !== this.generation || this.state === 'down') return;
     const wasUp = this.state === 'up';
     this.state = 'down';
+    this.downReason = reason;
     this.generation++;
     for (const e of this.elements) e.close(reason);
     const peer = `${this.opts.peerHost}:${this.opts.peerPort}`;

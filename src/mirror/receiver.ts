@@ -229,8 +229,20 @@ class ReceiverConnection implements FrameSink {
     if (this.socket.destroyed) return;
     const out = Buffer.allocUnsafe(REPLY_SIZE);
     writeReply(out, 0, reqId, errno);
+    // Replies finished in one event-loop turn leave in one write (as NBD replies do).
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      setImmediate(this.uncork);
+    }
     this.socket.write(out);
   }
+
+  private corked = false;
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
 
   private violate(reason: string): number {
     this.log.warn('mirror protocol violation, closing connection', { peer: this.peer, reason });

@@ -10,8 +10,12 @@ import { LunMirror, type MirrorStore } from '../lun/lun-mirror.js';
 import type { Lun } from '../lun/lun.js';
 import { MirrorPool } from './pool.js';
 
-/** Requests unanswered for this many heartbeat timeouts count as a dead connection. */
+/**
+ * Requests unanswered for this long count as a dead connection (TCP black-holed while heartbeats
+ * flow). Generous: a busy peer applying a large backlog must not look dead.
+ */
 const STALL_FACTOR = 4;
+const STALL_MIN_MS = 15000;
 
 export class MirrorSender {
   readonly pool: MirrorPool;
@@ -68,7 +72,8 @@ export class MirrorSender {
       const { timeoutMs } = this.cfg.heartbeat;
       const silent = this.pool.elements.find((e) => e.status === 'up' && now - e.lastSeen > timeoutMs);
       // Heartbeats can flow while TCP is black-holed: requests unanswered for long also end the session.
-      const stalled = this.pool.elements.find((e) => e.status === 'up' && e.stalledFor(now) > STALL_FACTOR * timeoutMs);
+      const stallMs = Math.max(STALL_FACTOR * timeoutMs, STALL_MIN_MS);
+      const stalled = this.pool.elements.find((e) => e.status === 'up' && e.stalledFor(now) > stallMs);
       if (silent) this.pool.disconnect(`connection ${silent.index} silent for ${now - silent.lastSeen} ms`);
       else if (stalled) this.pool.disconnect(`connection ${stalled.index}: no answer for ${stalled.stalledFor(now)} ms`);
       else this.connect();
