@@ -29,7 +29,8 @@
 //                        "nbd-mirror sync" / "nbd-mirror async"  (default BENCH_SECONDS)
 //   BENCH_JOURNAL_MB    outage bench: MiB written while the peer is away (default 1024)
 //   BENCH_OUTAGE_SECONDS outage bench: length of the outage under a writer (default 8)
-//   BENCH_OUTAGE_RATE   outage bench: fio --rate for that writer, e.g. 100m (default unlimited)
+//   BENCH_OUTAGE_RATE   outage bench: fio --rate for that writer (default 30m, a steady production-like
+//                       load; 'unlimited' saturates both cores, so replay cannot outrun it here)
 //
 // Mirrored targets: "nbd-mirror sync" and "nbd-mirror async" run two nbd-mirror
 // sites on 127.0.0.1 (a: primary lun0 on the bench image, b: secondary lun0 on a
@@ -80,7 +81,7 @@ const SETTINGS = {
   mirrorSeconds: 0, // filled below
   journalMiB: Math.floor(envNumber('BENCH_JOURNAL_MB', 1024, { min: 1 })),
   outageSeconds: envNumber('BENCH_OUTAGE_SECONDS', 8, { min: 1 }),
-  outageRate: process.env.BENCH_OUTAGE_RATE || null,
+  outageRate: process.env.BENCH_OUTAGE_RATE === 'unlimited' ? null : process.env.BENCH_OUTAGE_RATE || '30m',
 };
 SETTINGS.mirrorSeconds = envNumber('BENCH_MIRROR_SECONDS', SETTINGS.seconds, { min: 1 });
 SETTINGS.copyMiB = Math.floor(envNumber('BENCH_COPY_MB', Math.min(1024, SETTINGS.sizeMiB), { min: 1 }));
