@@ -9,7 +9,7 @@ export class ApplyOrder {
   /** Every request up to here is applied; `above` holds the ones applied beyond it. */
   appliedPrefix = 0;
   private readonly above = new Set<number>();
-  private waiters: { dep: number; resolve: () => void }[] = [];
+  private waiters: { dep: number; owner: object | null; resolve: () => void }[] = [];
   private readonly inflight = new Map<number, Promise<void>>();
 
   /** Bumped when a new primary run takes over: requests of the old run still waiting must not apply. */
@@ -36,10 +36,20 @@ export class ApplyOrder {
     return seq <= this.appliedPrefix || this.above.has(seq);
   }
 
-  /** Resolves (or returns null at once) when every request up to `dep` is applied. */
-  ready(dep: number): Promise<void> | null {
+  /** Resolves (or returns null at once) when every request up to `dep` is applied, or `owner` is dropped. */
+  ready(dep: number, owner: object | null = null): Promise<void> | null {
     if (dep <= this.appliedPrefix) return null;
-    return new Promise((resolve) => this.waiters.push({ dep, resolve }));
+    return new Promise((resolve) => this.waiters.push({ dep, owner, resolve }));
+  }
+
+  /** Release (unapplied) every request `owner` still has waiting: its connection is gone. */
+  drop(owner: object): void {
+    const keep: typeof this.waiters = [];
+    for (const w of this.waiters) {
+      if (w.owner === owner) w.resolve();
+      else keep.push(w);
+    }
+    this.waiters = keep;
   }
 
   /** The application of `seq` under way, if any. */

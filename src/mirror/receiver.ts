@@ -15,7 +15,9 @@ import {
 } from './wire.js';
 
 const EINVAL = 22;
-const ESTALE = 116;   // a request of a primary run that has been superseded
+const ESTALE = 116;
+/** A healthy sender keeps at most its async window (+ replay window) in flight; far beyond is abuse. */
+const MAX_WAITING_BYTES = 512 * 1024 * 1024;   // a request of a primary run that has been superseded
 
 /** Per secondary LUN: who feeds it and in what order. Survives reconnections. */
 export interface SecondaryState {
@@ -93,6 +95,7 @@ export class MirrorReceiver {
       });
       for (const t of targets.values()) t.state.connections++;
       socket.on('close', () => {
+        handler.closed();
         for (const t of targets.values()) {
           t.state.connections--;
           if (t.state.connections === 0) t.state.feeder = null;
@@ -144,6 +147,8 @@ export class MirrorReceiver {
 class ReceiverConnection implements FrameSink {
   private readonly parser = new FrameParser(REQUEST_HEADER_SIZE, this);
   private current: MirrorRequestHeader | null = null;
+  /** Payload bytes of requests waiting for their dependencies (bounded: a peer cannot park memory here). */
+  private waitingBytes = 0;
 
   constructor(
     private readonly socket: net.Socket,
@@ -179,6 +184,11 @@ class ReceiverConnection implements FrameSink {
 
   onDiscarded(): void { /* nothing is discarded on this wire */ }
 
+  /** The connection closed: requests it has waiting are released unapplied (a resend comes with the next session). */
+  closed(): void {
+    for (const t of this.targets.values()) t.state.order.drop(this);
+  }
+
   private valid(h: MirrorRequestHeader, t: Target): boolean {
     if (h.type === MIRROR_OP.FLUSH) return true;
     if (h.type !== MIRROR_OP.WRITE && h.type !== MIRROR_OP.WRITE_ZEROES && h.type !== MIRROR_OP.TRIM) return false;
@@ -196,8 +206,15 @@ class ReceiverConnection implements FrameSink {
       }
       if (order.isApplied(h.seq)) return this.answer(h.reqId, 0);
       const epoch = order.epoch;
-      const wait = order.ready(h.dep);
-      if (wait) await wait;
+      const wait = order.ready(h.dep, this);
+      if (wait) {
+        this.waitingBytes += h.length;
+        if (this.waitingBytes > MAX_WAITING_BYTES) {
+          this.violate(`more than ${MAX_WAITING_BYTES} bytes of requests waiting for their dependencies`);
+        }
+        await wait;
+        this.waitingBytes -= h.length;
+      }
       // Its session is gone, or a new run of the primary took over while it waited: drop it unapplied.
       if (this.socket.destroyed || order.epoch !== epoch) {
         if (!this.socket.destroyed) this.answer(h.reqId, ESTALE);

@@ -77,7 +77,8 @@ class Negotiation {
       const data = hdr.length ? await this.reader.read(hdr.length) : Buffer.alloc(0);
 
       if (this.ctx.isShuttingDown() && hdr.option !== OPT.ABORT) {
-        this.reply(hdr.option, REP.ERR_SHUTDOWN);
+        // EXPORT_NAME has no option reply (the client would read one as the export size): just close.
+        if (hdr.option !== OPT.EXPORT_NAME) this.reply(hdr.option, REP.ERR_SHUTDOWN);
         throw new NegotiationEnded('server shutting down');
       }
       const session = this.option(hdr.option, data);

@@ -7,6 +7,8 @@ import { negotiate, NegotiationEnded } from './handshake.js';
 import { ConnectionClosed } from '../net/socket-reader.js';
 import { Transmission, type ProtocolViolation } from './transmission.js';
 
+const HANDSHAKE_TIMEOUT_MS = 30_000;
+
 interface Connection {
   socket: net.Socket;
   peer: string;
@@ -57,8 +59,14 @@ export class NbdServer {
       socket.destroy();
       return;
     }
+    // A client that connects and never finishes the handshake is not kept forever.
+    socket.setTimeout(HANDSHAKE_TIMEOUT_MS, () => {
+      this.log.info('handshake timed out', { peer: conn.peer, timeoutMs: HANDSHAKE_TIMEOUT_MS });
+      socket.destroy();
+    });
     negotiate(socket, { luns: this.luns, isShuttingDown: () => this.shuttingDown }).then(
       (session) => {
+        socket.setTimeout(0);
         if (socket.destroyed) return;
         conn.lun = session.lun.name;
         conn.transmission = new Transmission(socket, session, (v) => this.violation(conn, v));
