@@ -95,7 +95,9 @@ export async function listenTcpAndUdp(
 /** Destroy a socket with a TCP RST where possible. */
 function rst(socket: net.Socket): void {
   if (socket.destroyed) return;
-  if (socket.connecting || socket.pending) socket.destroy();
+  // A socket whose sending side is already ended cannot be reset: libuv refuses (EINVAL), Node
+  // then drops the handle unclosed and the process spins at exit. Close those normally.
+  if (socket.connecting || socket.pending || socket.writableEnded) socket.destroy();
   else socket.resetAndDestroy();
 }
 

@@ -7,6 +7,7 @@
 // Each site keeps its dataDir and ports across restarts (kill + restart = the same config).
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 import { FaultProxy } from './fault-proxy.js';
 import { siteStatus } from './pair.js';
 import { execNoThrow, freePorts, pollUntil, sha256File, sparseFile, startSite, type Site, type SiteConfigInput } from './site.js';
@@ -279,7 +280,7 @@ function describe(v: unknown): string {
   if (typeof v === 'string') return v;
   const o = v as Partial<PrimaryLunStatus> & { health?: string; hashes?: string[] };
   return JSON.stringify({
-    state: o.state, reason: o.reason, path: o.path, health: o.health, inflight: o.inflight, lagBytes: o.lagBytes,
+    state: o.state, reason: o.reason, writePath: o.writePath, health: o.health, inflight: o.inflight, lagBytes: o.lagBytes,
     journal: o.journal, dirtyRegions: o.dirtyRegions, resyncPending: o.resyncPending, progress: o.progress,
     recovery: o.recovery, hashes: o.hashes, mirrored: o.mirrored,
   });
@@ -376,7 +377,7 @@ export class StatusRecorder {
       while (this.running) {
         try {
           const l = await this.pair.lun();
-          this.samples.push({ t: Date.now(), state: l.state, health: l.health, path: l.path, records: l.journal.records, writeOps: l.counters.writeOps });
+          this.samples.push({ t: Date.now(), state: l.state, health: l.health, path: l.writePath, records: l.journal.records, writeOps: l.counters.writeOps });
         } catch { /* site restarting */ }
         if (this.running) await new Promise((r) => setTimeout(r, intervalMs));
       }
