@@ -89,19 +89,15 @@ async function serve(args: string[]): Promise<number> {
   if (!opts.values.config) throw new UsageError(`serve needs --config FILE\n\n${HELP.serve}`);
   const cfg = loadConfig(opts.values.config as string);
   const log = createLogger(cfg.log.level, cfg.log.format, cfg.site);
+  // A reload asked for while starting must not kill the process (SIGHUP's default action).
+  const earlyHup = () => log.warn('SIGHUP while starting: ignored; send it again once ready');
+  process.on('SIGHUP', earlyHup);
   const site = await Site.start(cfg, log);
-  log.info('ready', {
-    nbd: `${site.nbdAddress!.address}:${site.nbdAddress!.port}`,
-    admin: `${site.adminAddress!.address}:${site.adminAddress!.port}`,
-    luns: site.luns.all().map((l) => l.name),
-  });
-  // systemd (Type=notify): ready once every LUN is open and the listeners are bound; the
-  // watchdog is fed only while the event loop keeps up (a stuck loop gets the service restarted).
-  notify(`READY=1\nSTATUS=serving ${site.luns.all().length} LUNs`);
+  process.off('SIGHUP', earlyHup);
   let lastTick = performance.now();
   const lagTimer = setInterval(() => { lastTick = performance.now(); }, 500);
   lagTimer.unref();
-  const stopWatchdog = startWatchdog(() => performance.now() - lastTick < 5000);
+  let stopWatchdog: () => void = () => undefined;
   return new Promise<number>((resolve) => {
     let stopping = false;
     const stop = (signal: string) => {
@@ -133,6 +129,16 @@ async function serve(args: string[]): Promise<number> {
         .catch((err: Error) => log.error('reload failed', { error: err.message }))
         .finally(() => notify(`READY=1\nSTATUS=serving ${site.luns.all().length} LUNs`));
     });
+    // Handlers first, then "ready": a signal right after readiness must find them installed.
+    log.info('ready', {
+      nbd: `${site.nbdAddress!.address}:${site.nbdAddress!.port}`,
+      admin: `${site.adminAddress!.address}:${site.adminAddress!.port}`,
+      luns: site.luns.all().map((l) => l.name),
+    });
+    // systemd (Type=notify): ready once every LUN is open and the listeners are bound; the
+    // watchdog is fed only while the event loop keeps up (a stuck loop gets the service restarted).
+    notify(`READY=1\nSTATUS=serving ${site.luns.all().length} LUNs`);
+    stopWatchdog = startWatchdog(() => performance.now() - lastTick < 5000);
   });
 }
 

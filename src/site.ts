@@ -75,9 +75,15 @@ export class Site {
     const backing = await Backing.open(lc.path, readOnly && lc.role !== 'secondary');
     backing.fastPath = this.config.io.fastPath;
     const lun = new Lun({ ...lc }, backing);
+    // Exported only once everything it needs is open: a LUN that cannot mirror is not served at all.
+    try {
+      if (lc.role === 'primary' && lc.mirror !== 'none' && this.sender) await this.attachMirror(lun);
+    } catch (err) {
+      await backing.close().catch(() => undefined);
+      throw err;
+    }
     this.luns.add(lun);
     this.metrics.instrument(lun);
-    if (lc.role === 'primary' && lc.mirror !== 'none' && this.sender) await this.attachMirror(lun);
     this.log.info('LUN opened', {
       lun: lc.name, path: lc.path, size: backing.size, role: lc.role, mirror: lc.mirror,
       blockDevice: backing.isBlockDevice, readOnly,
@@ -128,7 +134,7 @@ export class Site {
     }
     this.config = { ...this.config, luns: this.config.luns.filter((l) => after.has(l.name)).concat(next.luns.filter((l) => added.includes(l.name))) };
     if (mirrorChanged) this.sender?.resession('the mirrored LUNs changed');
-    if (secondaryAdded) this.receiver?.dropSessions('a secondary LUN was added: the peer offers again');
+    if (secondaryAdded) this.receiver?.requestReoffer('a secondary LUN was added');
     this.log.info('reloaded', { added, removed, unchanged });
     return { added, removed, unchanged };
   }
@@ -155,7 +161,7 @@ export class Site {
         await st.journal.close().catch(() => undefined);
       }
     }
-    if (lun.spec.role === 'secondary') this.receiver?.dropSessions(`secondary LUN ${name} removed`);
+    if (lun.spec.role === 'secondary') this.receiver?.requestReoffer(`secondary LUN ${name} removed`, name);
     await lun.close();
     this.log.info('LUN removed', { lun: name });
   }
@@ -187,7 +193,13 @@ export class Site {
     const m = this.config.mirror!;
     const base = `${this.config.dataDir}/${lun.name}`;
     const { journal, recovery } = await Journal.open(`${base}.journal`, lun.name, lun.size);
-    const bitmap = await this.openBitmap(`${base}.bitmap`, lun, m.journal.regionSize);
+    let bitmap: RegionBitmap;
+    try {
+      bitmap = await this.openBitmap(`${base}.bitmap`, lun, m.journal.regionSize);
+    } catch (err) {
+      await journal.close().catch(() => undefined);
+      throw err;
+    }
     const store: MirrorStore = { journal, bitmap, maxJournalBytes: m.journal.maxBytes };
     this.stores.push(store);
     this.recoveries.set(lun.name, recovery);

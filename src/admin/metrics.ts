@@ -25,6 +25,7 @@ export interface MetricsSnapshot {
     applied?: { ops: number; bytes: number };
   }>;
   mirror?: {
+    peer?: string;
     connections: Array<{ status: string }>;
     heartbeat?: { sent: number; received: number; ignored: Record<string, number>; lastReceivedMs: number | null; rttMs: number | null };
   } | null;
@@ -119,13 +120,17 @@ export class Metrics {
       labelNames: ['reason'], registers: [r],
       collect() { this.reset(); for (const [k, v] of Object.entries(hb()?.ignored ?? {})) this.labels(k).inc(v); },
     });
+    // Labelled by peer so that "never heard" is no sample at all, not a reassuring 0.
+    const peerOf = () => take().mirror?.peer || 'peer';
     new client.Gauge({
-      name: 'nbd_mirror_heartbeat_silence_seconds', help: 'Time since the last valid heartbeat from the peer (heartbeat loss).', registers: [r],
-      collect() { const t = hb()?.lastReceivedMs; if (t != null) this.set((Date.now() - t) / 1000); },
+      name: 'nbd_mirror_heartbeat_silence_seconds', help: 'Time since the last valid heartbeat from the peer (absent until one arrived).',
+      labelNames: ['peer'], registers: [r],
+      collect() { this.reset(); const t = hb()?.lastReceivedMs; if (t != null) this.labels(peerOf()).set((Date.now() - t) / 1000); },
     });
     new client.Gauge({
-      name: 'nbd_mirror_heartbeat_rtt_seconds', help: 'Heartbeat round-trip time to the peer.', registers: [r],
-      collect() { const rtt = hb()?.rttMs; if (rtt != null) this.set(rtt / 1000); },
+      name: 'nbd_mirror_heartbeat_rtt_seconds', help: 'Heartbeat round-trip time to the peer (absent until measured).',
+      labelNames: ['peer'], registers: [r],
+      collect() { this.reset(); const rtt = hb()?.rttMs; if (rtt != null) this.labels(peerOf()).set(rtt / 1000); },
     });
   }
 

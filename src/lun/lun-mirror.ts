@@ -19,7 +19,7 @@ import type { RegionBitmap } from '../journal/bitmap.js';
 import { JOURNAL_KIND, type Journal, type JournalEntry } from '../journal/journal.js';
 import { ENOTCONN, type MirrorOp } from '../mirror/peer-connection.js';
 import type { MirrorPool } from '../mirror/pool.js';
-import { MIRROR_FLAG, MIRROR_OP, PAIR, PAIR_REASON, type LunAnswer, type LunOffer } from '../mirror/wire.js';
+import { ESTALE, MIRROR_FLAG, MIRROR_OP, PAIR, PAIR_REASON, type LunAnswer, type LunOffer } from '../mirror/wire.js';
 import type { Backing } from '../storage/backing.js';
 import { OverlapGate } from './overlap-gate.js';
 
@@ -277,7 +277,8 @@ export class LunMirror {
     if (op.origin === 'flush') return op.settle();
     if (errno !== 0) {
       this.stats.failures++;
-      if (errno !== ENOTCONN) {
+      // ESTALE: the peer removed the LUN and asked us to offer again: journal it, nothing failed.
+      if (errno !== ENOTCONN && errno !== ESTALE) {
         // A peer that fails a request: end the session, so nothing waits behind it on the peer.
         this.log.warn('the peer failed a mirror request', { lun: this.lun, seq: op.seq, errno });
         this.pool.disconnect(`peer failed a request of LUN ${this.lun} (errno ${errno})`);

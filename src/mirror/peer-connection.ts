@@ -5,7 +5,7 @@ import net from 'node:net';
 import { FrameParser, STOP, type FrameSink } from '../net/frame-parser.js';
 import { SocketReader } from '../net/socket-reader.js';
 import {
-  decodeHello, HelloError, MAX_HELLO_LENGTH, REPLY_MAGIC, REPLY_SIZE, REQUEST_HEADER_SIZE, writeRequestHeader,
+  CONTROL_REQID, decodeHello, HelloError, MAX_HELLO_LENGTH, REPLY_MAGIC, REPLY_SIZE, REQUEST_HEADER_SIZE, writeRequestHeader,
   type Hello, type MirrorRequestHeader,
 } from './wire.js';
 
@@ -32,6 +32,8 @@ export class PeerConnection implements FrameSink {
   private parser: FrameParser | null = null;
   private reply = { reqId: 0, errno: 0 };
   private onDown: ((reason: string) => void) | null = null;
+  /** Control messages from the receiver (CONTROL codes). */
+  onControl: ((code: number) => void) | null = null;
 
   constructor(readonly index: number) {}
 
@@ -109,6 +111,11 @@ export class PeerConnection implements FrameSink {
   }
 
   onFrame(): void {
+    if (this.reply.reqId === CONTROL_REQID) {
+      this.lastSeen = Date.now();
+      this.onControl?.(this.reply.errno);
+      return;
+    }
     const op = this.pending.get(this.reply.reqId);
     if (!op) {
       this.close(`reply for unknown request ${this.reply.reqId}`);

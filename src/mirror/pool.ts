@@ -6,7 +6,7 @@ import crypto from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type { Logger } from '../log.js';
 import { ENOTCONN, PeerConnection, type MirrorOp } from './peer-connection.js';
-import { encodeHello, HELLO_ANSWER, HELLO_OFFER, type LunAnswer, type LunOffer } from './wire.js';
+import { CONTROL, encodeHello, HELLO_ANSWER, HELLO_OFFER, type LunAnswer, type LunOffer } from './wire.js';
 
 export interface PoolOptions {
   site: string;
@@ -23,6 +23,8 @@ export type PoolState = 'down' | 'connecting' | 'up';
 export interface PoolEvents {
   up: [answers: LunAnswer[], peerSite: string];
   down: [reason: string];
+  /** The receiver asked for the LUNs to be offered again (its LUNs changed). */
+  reoffer: [];
 }
 
 export class MirrorPool extends EventEmitter<PoolEvents> {
@@ -38,6 +40,11 @@ export class MirrorPool extends EventEmitter<PoolEvents> {
   constructor(private readonly opts: PoolOptions, private readonly log: Logger) {
     super();
     this.elements = Array.from({ length: opts.connections }, (_, i) => new PeerConnection(i));
+    for (const e of this.elements) {
+      e.onControl = (code) => {
+        if (code === CONTROL.REOFFER && this.state === 'up') this.emit('reoffer');
+      };
+    }
   }
 
   /** Open all n connections with a fresh session id; resolves true when the session is up. */

@@ -9,13 +9,12 @@ import { FrameParser, STOP, type FrameSink } from '../net/frame-parser.js';
 import { SocketReader } from '../net/socket-reader.js';
 import { ApplyOrder } from './apply-order.js';
 import {
-  decodeHello, encodeHello, HELLO_ANSWER, HELLO_OFFER, MAX_HELLO_LENGTH, MAX_MIRROR_PAYLOAD, MIRROR_FLAG, MIRROR_OP,
+  CONTROL, CONTROL_REQID, ESTALE, decodeHello, encodeHello, HELLO_ANSWER, HELLO_OFFER, MAX_HELLO_LENGTH, MAX_MIRROR_PAYLOAD, MIRROR_FLAG, MIRROR_OP,
   PAIR, readRequestHeader, REPLY_SIZE, REQUEST_HEADER_SIZE, writeReply, type LunAnswer, type LunOffer,
   type MirrorRequestHeader,
 } from './wire.js';
 
 const EINVAL = 22;
-const ESTALE = 116;
 /** A healthy sender keeps at most its async window (+ replay window) in flight; far beyond is abuse. */
 const MAX_WAITING_BYTES = 512 * 1024 * 1024;   // a request of a primary run that has been superseded
 
@@ -42,6 +41,7 @@ export interface ReceiverOptions {
 export class MirrorReceiver {
   private readonly server: net.Server;
   private readonly sockets = new Set<net.Socket>();
+  private readonly handlers = new Set<ReceiverConnection>();
   readonly secondaries = new Map<string, SecondaryState>();
 
   constructor(private readonly luns: LunRegistry, private readonly opts: ReceiverOptions, private readonly log: Logger) {
@@ -94,7 +94,9 @@ export class MirrorReceiver {
         }
       });
       for (const t of targets.values()) t.state.connections++;
+      this.handlers.add(handler);
       socket.on('close', () => {
+        this.handlers.delete(handler);
         handler.closed();
         for (const t of targets.values()) {
           t.state.connections--;
@@ -130,10 +132,16 @@ export class MirrorReceiver {
     return answer(status);
   }
 
-  /** Close every connection from the peer, so it reconnects and offers its LUNs again (a reload changed ours). */
-  dropSessions(reason: string): void {
-    if (this.sockets.size) this.log.info('closing mirror connections from the peer', { reason });
-    for (const s of this.sockets) s.destroy();
+  /**
+   * Our LUNs changed (a reload): ask the peer to offer its LUNs again, in band, so it renegotiates
+   * at once without taking it for an outage. A removed LUN's requests are answered ESTALE meanwhile.
+   */
+  requestReoffer(reason: string, removed?: string): void {
+    if (this.handlers.size) this.log.info('asking the peer to offer its LUNs again', { reason });
+    for (const h of this.handlers) {
+      if (removed) h.forget(removed);
+      h.control(CONTROL.REOFFER);
+    }
   }
 
   async close(): Promise<void> {
@@ -174,6 +182,7 @@ class ReceiverConnection implements FrameSink {
   onFrame(payload: Buffer | null): void {
     const h = this.current!;
     this.current = null;
+    if (this.removed.has(h.lunId)) return this.answer(h.reqId, ESTALE);
     const target = this.targets.get(h.lunId);
     if (!target || !this.valid(h, target)) {
       if (target) target.state.applied.errors++;
@@ -183,6 +192,19 @@ class ReceiverConnection implements FrameSink {
   }
 
   onDiscarded(): void { /* nothing is discarded on this wire */ }
+
+  /** Stop applying requests for a LUN removed by a reload; they are answered ESTALE. */
+  forget(lun: string): void {
+    for (const [id, t] of this.targets) if (t.lun.name === lun) this.removed.set(id, t.lun.name);
+    for (const id of this.removed.keys()) this.targets.delete(id);
+  }
+
+  /** Send a control message (a reply with the reserved reqId). */
+  control(code: number): void {
+    this.answer(CONTROL_REQID, code);
+  }
+
+  private readonly removed = new Map<number, string>();
 
   /** The connection closed: requests it has waiting are released unapplied (a resend comes with the next session). */
   closed(): void {

@@ -39,6 +39,7 @@ export class MirrorSender {
       this.log.info('mirror link up', { peer: this.pool.peerSite, connections: this.pool.elements.length });
       this.mirrored.forEach((lun, id) => lun.mirror!.paired(answers.find((a) => a.id === id)));
     });
+    this.pool.on('reoffer', () => this.resession('the peer\'s LUNs changed'));
     this.pool.on('down', (reason) => {
       this.monitor.connectionLost(reason);
       for (const lun of this.mirrored) lun.mirror!.linkDown(reason);

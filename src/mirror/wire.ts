@@ -12,6 +12,12 @@ export const MAX_MIRROR_PAYLOAD = 32 * 1024 * 1024;
 export const MAX_HELLO_LENGTH = 1024 * 1024;
 
 export const MIRROR_OP = { WRITE: 1, WRITE_ZEROES: 2, TRIM: 3, FLUSH: 4 } as const;
+/** A reply with this reqId (never used for requests) is a control message from the receiver. */
+export const CONTROL_REQID = 0;
+/** Control codes (in the errno field): the receiver's LUNs changed, offer them again. */
+export const CONTROL = { REOFFER: 1 } as const;
+/** Answer to a request for a LUN the receiver no longer has (a reload removed it): not a device error. */
+export const ESTALE = 116;
 export const MIRROR_FLAG = { FUA: 1, MAY_PUNCH: 2 } as const;
 
 /** Why the receiver refuses to pair a LUN (sent back in its hello). */
