@@ -853,9 +853,11 @@ function fsyncFile(file) {
 
 async function runTarget(target, ctx) {
   const result = { name: target.name, status: 'ok', error: null, export: null, jobs: {}, fioSeconds: target.seconds ?? SETTINGS.seconds };
-  // Write back the previous server's dirty pages so they don't slow this one.
+  // Write back everything dirty (the previous server's pages, and the random source file written
+  // during preparation) so background writeback does not land on whichever server runs next.
   fsyncFile(ctx.image);
   if (ctx.secondaryImagePath) fsyncFile(ctx.secondaryImagePath);
+  execFileSync('sync');
   let server = null;
   const started = Date.now();
   try {

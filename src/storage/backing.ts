@@ -11,10 +11,13 @@ import {
 // writes at QD16 went from ~39k to ~105k IOPS without it). So small I/O runs in place when it
 // cannot block on the device: reads take what the page cache holds (RWF_NOWAIT) and send only
 // misses to the pool; writes run in place while they stay fast, and one slow write (dirty-page
-// throttling, a device without cache) sends the LUN's writes to the pool for a while.
+// throttling, a device without cache) sends the LUN's writes to the pool for a while. Two slow
+// writes in a row are needed: under CPU contention one preempted write looks slow too, while a
+// real stall (writeback throttling, a journal commit, a device without cache) repeats.
 const FAST_MAX = 256 * 1024;
 const SLOW_WRITE_MS = 2;
-const SLOW_BACKOFF_MS = 1000;
+const SLOW_STREAK = 2;
+const SLOW_BACKOFF_MS = 500;
 const RESOLVED = Promise.resolve();
 
 export interface Extent {
@@ -43,6 +46,7 @@ export class Backing {
   fastPath = true;
   private fastReads = true;
   private fastWritesAfter = 0;
+  private slowStreak = 0;
 
   static async open(path: string, readOnly: boolean): Promise<Backing> {
     const st = await fs.promises.stat(path);
@@ -103,7 +107,11 @@ export class Backing {
         } catch (err) {
           return Promise.reject(err);
         }
-        if (performance.now() - now > SLOW_WRITE_MS) this.fastWritesAfter = performance.now() + SLOW_BACKOFF_MS;
+        if (performance.now() - now <= SLOW_WRITE_MS) this.slowStreak = 0;
+        else if (++this.slowStreak >= SLOW_STREAK) {
+          this.slowStreak = 0;
+          this.fastWritesAfter = performance.now() + SLOW_BACKOFF_MS;
+        }
         return RESOLVED;
       }
     }
