@@ -153,7 +153,12 @@ export class RegionBitmap {
         else if (this.inflight !== null && this.inflight.has(k)) needInflight = true;
       }
     }
-    if (needNext) return this.waitNext();
+    if (needNext) {
+      // The writer is synchronous: the bytes are on the file when this returns.
+      const p = this.waitNext();
+      if (this.dirty.size === 0 && this.inflight === null && !this.failure) return null;
+      return p;
+    }
     if (needInflight) return this.inflightDone!.promise;
     return null;
   }
@@ -240,25 +245,29 @@ export class RegionBitmap {
     this.inflight = carried;
     this.inflightDone = done;
 
-    // Runs of nearby dirty bytes; each written with the bytes' value now (a copy: memory moves on).
+    // Runs of nearby dirty bytes, written synchronously: a few bytes into the page cache cost
+    // microseconds, far less than a thread-pool hop, and a synchronous write cannot be overtaken
+    // by an older one of the same byte.
     const idx = [...carried].sort((a, b) => a - b);
-    const writes: Promise<void>[] = [];
     const headerLen = bitmapHeader.span;
-    for (let i = 0; i < idx.length;) {
-      let j = i;
-      while (j + 1 < idx.length && idx[j + 1] - idx[j] <= COALESCE_GAP) j++;
-      const from = idx[i];
-      const to = idx[j] + 1;
-      writes.push(pwriteFull(this.fd, Buffer.from(this.bits.subarray(from, to)), headerLen + from));
-      i = j + 1;
-    }
-    Promise.all(writes).then(() => {
-      this.writeGen++;
-      this.finish(null, done);
-    }, (err: Error) => {
+    try {
+      for (let i = 0; i < idx.length;) {
+        let j = i;
+        while (j + 1 < idx.length && idx[j + 1] - idx[j] <= COALESCE_GAP) j++;
+        const from = idx[i];
+        const to = idx[j] + 1;
+        for (let done = 0; done < to - from;) {
+          done += fs.writeSync(this.fd, this.bits, from + done, to - from - done, headerLen + from + done);
+        }
+        i = j + 1;
+      }
+    } catch (err) {
       for (const k of carried) this.dirty.add(k);   // not known to be on the file: write again next time
-      this.finish(new BitmapError(`bitmap ${this.path}: write failed: ${err.message}`), done);
-    });
+      this.finish(new BitmapError(`bitmap ${this.path}: write failed: ${(err as Error).message}`), done);
+      return;
+    }
+    this.writeGen++;
+    this.finish(null, done);
   }
 
   private finish(err: Error | null, done: Deferred): void {

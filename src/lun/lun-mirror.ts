@@ -35,6 +35,7 @@ export interface MirrorStore {
 
 const REPLAY_WINDOW_BYTES = 64 * 1024 * 1024;
 const REPLAY_BATCH_BYTES = 8 * 1024 * 1024;
+const CLEAR_DELAY_MS = 2000;
 const RESYNC_WINDOW_BYTES = 32 * 1024 * 1024;
 
 class PendingOp implements MirrorOp {
@@ -81,6 +82,8 @@ export class LunMirror {
   private readonly tracked = new Map<number, PendingOp>();
   /** Live requests in flight per region (their bits must stay set). */
   private readonly pending = new Map<number, number>();
+  /** Regions that became clearable, and when (cleared after CLEAR_DELAY_MS of quiet). */
+  private readonly clearCandidates = new Map<number, number>();
   /** Regions whose copy on the peer is stale and must be resent from local data. */
   readonly resyncNeeded = new Set<number>();
   private flushWaiters: { target: number; resolve: () => void }[] = [];
@@ -262,7 +265,10 @@ export class LunMirror {
     this.stats.ops++;
     this.stats.bytes += op.length;
     const [first, last] = this.store.bitmap.regionsOf(op.offset, op.length);
-    for (let r = first; r <= last; r++) this.pending.set(r, (this.pending.get(r) ?? 0) + 1);
+    for (let r = first; r <= last; r++) {
+      this.pending.set(r, (this.pending.get(r) ?? 0) + 1);
+      this.clearCandidates.delete(r);
+    }
   }
 
   /** Async back-pressure: wait until the window has room for `bytes` more. */
@@ -331,11 +337,16 @@ export class LunMirror {
     for (const w of ready) w.resolve();
   }
 
-  /** A bit may go once nothing is in flight there, nothing is stale there, and the journal is empty. */
+  /**
+   * A bit may go once nothing is in flight there, nothing is stale there, and the journal is empty;
+   * it goes only after the region stayed quiet for CLEAR_DELAY_MS (see persistClears).
+   */
   private maybeClear(r: number): void {
-    if (!this.pending.has(r) && !this.resyncNeeded.has(r) && this.store.journal.records === 0 && this.appendsInFlight === 0) {
-      this.store.bitmap.clear(r);
-    }
+    if (this.clearable(r)) this.clearCandidates.set(r, Date.now());
+  }
+
+  private clearable(r: number): boolean {
+    return !this.pending.has(r) && !this.resyncNeeded.has(r) && this.store.journal.records === 0 && this.appendsInFlight === 0;
   }
 
   private needResync(offset: number, length: number): void {
@@ -565,8 +576,18 @@ export class LunMirror {
     return this.store;
   }
 
-  /** Persist bits cleared since the last call (few bytes; keeps a crash's resync small). */
+  /**
+   * Clear the bits of regions quiet for CLEAR_DELAY_MS and persist them. Hot regions stay marked
+   * (as DRBD's activity log keeps hot extents): marking a clean region costs a bitmap write before
+   * the data write, and random writes over a large LUN would otherwise pay it nearly every time.
+   */
   persistClears(): Promise<void> {
+    const before = Date.now() - CLEAR_DELAY_MS;
+    for (const [r, at] of this.clearCandidates) {
+      if (at > before) continue;
+      this.clearCandidates.delete(r);
+      if (this.clearable(r)) this.store.bitmap.clear(r);
+    }
     return this.store.bitmap.flushDirty();
   }
 

@@ -94,11 +94,21 @@ export class PeerConnection implements FrameSink {
     const header = Buffer.allocUnsafe(REQUEST_HEADER_SIZE);
     writeRequestHeader(header, op);
     const s = this.socket!;
-    s.cork();
+    // Requests issued in one event-loop turn leave in one writev.
+    if (!this.corked) {
+      this.corked = true;
+      s.cork();
+      setImmediate(this.uncork);
+    }
     s.write(header);
     if (op.payload) s.write(op.payload);
-    s.uncork();
   }
+
+  private corked = false;
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket?.uncork();
+  };
 
   onHeader(buf: Buffer, at: number): number {
     if (buf.readUInt32BE(at) !== REPLY_MAGIC) {
