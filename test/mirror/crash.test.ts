@@ -135,7 +135,8 @@ describe('mirror crashes and damaged journals (SIGKILL, restart with the same co
 
       const conv = await pair.waitConverged(CONVERGE_MS);
       const restartToConvergedMs = Date.now() - tRestart;
-      const final = await pair.lun();
+      // Bits are cleared once their region has been quiet for 2 s (hot regions stay marked).
+      const final = await pair.waitLun((l) => l.dirtyRegions === 0, 'the dirty bitmap empties after the regions go quiet', 10_000);
       expect(final.dirtyRegions).to.equal(0);
       const acked = await expectAckedOnBoth(pair, [res]);
       report(`kill primary ${mode}`, {
