@@ -1,6 +1,7 @@
 // Admin HTTP endpoint (loopback by default): GET /status returns the JSON behind `nbd-mirror status`.
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { listenOn } from '../net/listen.js';
 
 export type StatusSource = () => unknown;
 export type MetricsSource = () => Promise<string>;
@@ -13,13 +14,7 @@ export class AdminServer {
   }
 
   listen(host: string, port: number): Promise<AddressInfo> {
-    return new Promise((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen(port, host, () => {
-        this.server.off('error', reject);
-        resolve(this.server.address() as AddressInfo);
-      });
-    });
+    return listenOn(this.server, host, port);
   }
 
   private route(req: http.IncomingMessage, res: http.ServerResponse): void {

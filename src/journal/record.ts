@@ -4,6 +4,7 @@
 // The buffer-layout definitions below are the documented layout. The journal record header is
 // on the hot path (one per journaled host write), so writeRecordHeader()/readRecordHeader()
 // encode it with plain Buffer calls; test/journal/journal.test.ts checks that both agree.
+import { readU64, writeU64 } from '../net/u64.js';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -90,16 +91,6 @@ export function readRecordHeader(buf: Buffer, at: number): RecordHeader {
   };
 }
 
-function writeU64(out: Buffer, at: number, v: number): void {
-  out.writeUInt32BE(Math.floor(v / 0x100000000), at);
-  out.writeUInt32BE(v >>> 0, at + 4);
-}
-
-function readU64(buf: Buffer, at: number): number {
-  const hi = buf.readUInt32BE(at);
-  if (hi >= 0x200000) return -1;
-  return hi * 0x100000000 + buf.readUInt32BE(at + 4);
-}
 
 // ---- bitmap file header --------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 // The mirror listener (the peer's pool connects here) and its per-connection handlers, which
 // apply requests to this site's secondary LUNs in the order the primary fixed.
+import type { AddressInfo } from 'node:net';
 import net from 'node:net';
+import { listenOn } from '../net/listen.js';
 import type { Logger } from '../log.js';
 import type { Lun } from '../lun/lun.js';
 import type { LunRegistry } from '../lun/registry.js';
@@ -48,14 +50,8 @@ export class MirrorReceiver {
     this.server = net.createServer({ noDelay: true }, (s) => this.accept(s));
   }
 
-  listen(host: string, port: number): Promise<net.AddressInfo> {
-    return new Promise((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen(port, host, () => {
-        this.server.off('error', reject);
-        resolve(this.server.address() as net.AddressInfo);
-      });
-    });
+  listen(host: string, port: number): Promise<AddressInfo> {
+    return listenOn(this.server, host, port);
   }
 
   stateOf(lun: string): SecondaryState {

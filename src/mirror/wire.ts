@@ -1,6 +1,7 @@
 // The mirror wire protocol (docs/mirror-protocol.md): hello exchange (cold, buffer-layout) and
 // per-request headers (hot, plain Buffer calls). All integers big-endian.
 import lo from 'buffer-layout';
+import { readU64, writeU64 } from '../net/u64.js';
 
 export const PROTOCOL_VERSION = 1;
 export const HELLO_MAGIC = Buffer.from('NBDMIRR1', 'latin1');
@@ -175,14 +176,3 @@ export function writeReply(out: Buffer, at: number, reqId: number, errno: number
   out.writeUInt32BE(errno, at + 8);
 }
 
-function writeU64(out: Buffer, at: number, v: number): void {
-  out.writeUInt32BE(Math.floor(v / 0x100000000), at);
-  out.writeUInt32BE(v >>> 0, at + 4);
-}
-
-/** -1 for values at or above 2^53 (never valid here). */
-function readU64(buf: Buffer, at: number): number {
-  const hi = buf.readUInt32BE(at);
-  if (hi >= 0x200000) return -1;
-  return hi * 0x100000000 + buf.readUInt32BE(at + 4);
-}

@@ -1,6 +1,8 @@
 // The NBD listener: accepts host connections, runs the handshake, then hands each connection
 // to a Transmission. Owns connection lifetimes and graceful shutdown.
+import type { AddressInfo } from 'node:net';
 import net from 'node:net';
+import { listenOn } from '../net/listen.js';
 import type { Logger } from '../log.js';
 import type { LunRegistry } from '../lun/registry.js';
 import { negotiate, NegotiationEnded } from './handshake.js';
@@ -25,14 +27,8 @@ export class NbdServer {
     this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
   }
 
-  listen(host: string, port: number): Promise<net.AddressInfo> {
-    return new Promise((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen(port, host, () => {
-        this.server.off('error', reject);
-        resolve(this.server.address() as net.AddressInfo);
-      });
-    });
+  listen(host: string, port: number): Promise<AddressInfo> {
+    return listenOn(this.server, host, port);
   }
 
   /** Host connections per LUN, for status. */

@@ -10,6 +10,7 @@ import {
   SIMPLE_REPLY_MAGIC, SIMPLE_REPLY_SIZE, STATE_HOLE, STATE_ZERO, STRUCTURED_HEADER_SIZE, STRUCTURED_REPLY_MAGIC,
 } from './constants.js';
 import { DISCARD, FrameParser, STOP, type FrameSink } from '../net/frame-parser.js';
+import { writeU64 } from '../net/u64.js';
 import { nbdErrno } from './errors.js';
 import type { Session } from './handshake.js';
 
@@ -345,9 +346,4 @@ function writeStructuredHeader(out: Buffer, at: number, flags: number, type: num
   out.writeUInt32BE(req.cookieHi, at + 8);
   out.writeUInt32BE(req.cookieLo, at + 12);
   out.writeUInt32BE(length, at + 16);
-}
-
-function writeU64(out: Buffer, at: number, value: number): void {
-  out.writeUInt32BE(Math.floor(value / 0x100000000), at);
-  out.writeUInt32BE(value >>> 0, at + 4);
 }
