@@ -4,12 +4,12 @@
 import { spawn, execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
-import net from 'node:net';
 import path from 'node:path';
 import { expect } from 'chai';
 import { siteStatus, startPair, waitLunStates, type Pair } from './helpers/pair.js';
 import { Cleanup, cliPath, exec, pollUntil, readAt, sparseFile, startSite, tmpDir, type Site } from './helpers/site.js';
 import type { TmpDir } from './helpers/tmp.js';
+import { freePort } from './helpers/ports.js';
 
 const MiB = 1024 * 1024;
 const SHORT_HEARTBEAT = { intervalMs: 200, timeoutMs: 600, probationMs: 1000 };
@@ -37,16 +37,8 @@ function cli(args: string[], opts: { timeoutMs?: number; env?: Record<string, st
 const lines = (s: string): string[] => s.split('\n').filter((l) => l.length > 0);
 const why = (r: Run): string => `exit ${r.code}\n--- stdout ---\n${r.stdout}\n--- stderr ---\n${r.stderr}`;
 
-function closedPort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
+/** A port nothing listens on (free a moment ago). */
+const closedPort = (): Promise<number> => freePort();
 
 async function sha256(file: string): Promise<string> {
   return createHash('sha256').update(await fs.readFile(file)).digest('hex');

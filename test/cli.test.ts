@@ -2,11 +2,11 @@
 // configuration errors. Needs dist/ (npm test builds it in pretest).
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { expect } from 'chai';
+import { freePort } from './helpers/ports.js';
 
 const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', 'dist', 'cli.js');
 
@@ -34,16 +34,8 @@ function lines(s: string): string[] {
   return s.split('\n').filter((l) => l.length > 0);
 }
 
-function closedPort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
+/** A port nothing listens on (free a moment ago). */
+const closedPort = (): Promise<number> => freePort();
 
 describe('cli', function () {
   let dir: string;
