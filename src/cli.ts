@@ -9,6 +9,7 @@ import { notify, startWatchdog } from './admin/systemd.js';
 import { describeSchema, formatSchema } from './config/describe.js';
 import { formatJournalReport, inspectJournal } from './journal/inspect.js';
 import { JournalError } from './journal/journal.js';
+import { SecurityError } from './security/files.js';
 
 /** Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error, 3 admin endpoint unreachable. */
 const EXIT_OK = 0;
@@ -202,7 +203,7 @@ async function journal(args: string[]): Promise<number> {
 main(process.argv.slice(2)).then(
   (code) => { process.exitCode = code; },
   (err: Error) => {
-    if (err instanceof ConfigError) {
+    if (err instanceof ConfigError || err instanceof SecurityError) {
       console.error(`nbd-mirror: config error: ${err.message}`);
       process.exitCode = EXIT_USAGE;
     } else if (err instanceof JournalError) {

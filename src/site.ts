@@ -14,6 +14,9 @@ import { Journal, type JournalRecovery } from './journal/journal.js';
 import { MirrorReceiver } from './mirror/receiver.js';
 import { MirrorSender } from './mirror/sender.js';
 import { NbdServer } from './nbd/server.js';
+import { loadHostCredentials, loadMirrorCredentials, type Credentials } from './security/credentials.js';
+import { prepareDataDir } from './security/files.js';
+import { MirrorTransport } from './security/mirror-tls.js';
 import { Backing } from './storage/backing.js';
 
 export class Site {
@@ -24,6 +27,8 @@ export class Site {
   private readonly receiver: MirrorReceiver | null = null;
   private readonly sender: MirrorSender | null = null;
   private heartbeat: Heartbeat | null = null;
+  private readonly mirrorCredentials: Credentials | null = null;
+  private readonly transport: MirrorTransport | null = null;
   private readonly recoveries = new Map<string, JournalRecovery>();
   private readonly stores: MirrorStore[] = [];
   nbdAddress: AddressInfo | null = null;
@@ -31,16 +36,23 @@ export class Site {
   mirrorAddress: AddressInfo | null = null;
 
   private constructor(public config: SiteConfig, private readonly log: Logger) {
-    this.nbd = new NbdServer(this.luns, log);
+    this.nbd = new NbdServer(this.luns, log, { mode: config.listen.tls, credentials: loadHostCredentials(config.listen) });
     this.metrics = new Metrics(() => this.status() as unknown as MetricsSnapshot);
     this.admin = new AdminServer(() => this.status(), () => this.metrics.text());
     if (config.mirror) {
       const m = config.mirror;
-      this.sender = new MirrorSender(config.site, m, log);
+      this.mirrorCredentials = loadMirrorCredentials(m);
+      this.transport = new MirrorTransport(m.tls, this.mirrorCredentials, log);
+      if (m.tls === 'off') {
+        log.warn('mirror.tls is "off": mirror links are plain TCP, and anyone who can reach the mirror port can overwrite secondary LUNs', {
+          heartbeats: this.mirrorCredentials.psk ? 'authenticated' : 'unauthenticated',
+        });
+      }
+      this.sender = new MirrorSender(config.site, m, this.transport, log);
       const monitor = this.sender.monitor;
       this.receiver = new MirrorReceiver(this.luns, {
         site: config.site, peerSite: m.peer.site, idleCheckMs: m.heartbeat.intervalMs,
-        peerAlive: () => monitor.silentForMs() <= m.heartbeat.timeoutMs,
+        peerAlive: () => monitor.silentForMs() <= m.heartbeat.timeoutMs, transport: this.transport,
       }, log);
     }
   }
@@ -48,7 +60,10 @@ export class Site {
   static async start(config: SiteConfig, log: Logger): Promise<Site> {
     const site = new Site(config, log);
     try {
-      fs.mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
+      const oldMode = prepareDataDir(config.dataDir);
+      if (oldMode !== null) {
+        log.warn('dataDir was open to other users: set to 0700', { dataDir: config.dataDir, was: oldMode.toString(8) });
+      }
       for (const lc of config.luns) await site.openLun(lc);
       if (site.receiver) {
         const m = config.mirror!;
@@ -57,6 +72,7 @@ export class Site {
         site.heartbeat = new Heartbeat({
           site: config.site, peerSite: m.peer.site, bindHost: m.listen.host, port: site.mirrorAddress.port,
           peerHost: m.peer.host, peerPort: m.peer.port, intervalMs: m.heartbeat.intervalMs,
+          key: site.mirrorCredentials!.psk?.first.key ?? null,
         }, log);
         site.sender!.start(site.heartbeat);
         await site.heartbeat.start();
@@ -223,6 +239,8 @@ export class Site {
         peer: this.sender.pool.peerSite || this.config.mirror!.peer.site,
         link: this.sender.pool.state,
         health: this.sender.monitor.state,
+        tls: this.transport!.mode,
+        authentication: this.transport!.stats,
         heartbeat: this.heartbeat?.stats,
         connections: this.sender.pool.elements.map((e) => ({ index: e.index, status: e.status, lastSeen: e.lastSeen, inflight: e.inflight })),
       },

@@ -3,6 +3,8 @@
 // is one ConfigError line naming the key and the problem.
 import fs from 'node:fs';
 import convict from 'convict';
+import { loadHostCredentials, loadMirrorCredentials } from '../security/credentials.js';
+import { checkDataDir, SecurityError } from '../security/files.js';
 import { lunChild, schema, type LunConfig, type SiteConfig } from './schema.js';
 
 export class ConfigError extends Error {}
@@ -39,6 +41,7 @@ export function parseConfig(text: string, origin: string, env: NodeJS.ProcessEnv
   else checkMirror(cfg.mirror!, origin);
   cfg.luns = cfg.luns.map((l) => lunChild().load(l).getProperties());
   checkLuns(cfg, origin);
+  checkSecurity(cfg, origin);
   return cfg;
 }
 
@@ -92,6 +95,18 @@ function checkLuns(cfg: SiteConfig, origin: string): void {
       throw new ConfigError(`${key}.path: ${lun.path} is neither a regular file nor a block device`);
     }
   });
+}
+
+/** Key files, certificates and dataDir: present, parseable, and not open to other users. */
+function checkSecurity(cfg: SiteConfig, origin: string): void {
+  try {
+    checkDataDir(cfg.dataDir);
+    if (cfg.mirror) loadMirrorCredentials(cfg.mirror);
+    loadHostCredentials(cfg.listen);
+  } catch (err) {
+    if (err instanceof SecurityError) throw new ConfigError(`${origin}: ${err.message}`);
+    throw err;
+  }
 }
 
 /** convict reports one problem per line, with the offending value; keep it to one readable line. */

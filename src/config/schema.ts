@@ -1,6 +1,7 @@
 // The configuration schema: the public interface of `serve`. Every key has a doc, a default
 // where one makes sense, validation, and (for scalars) an environment override.
 import convict from 'convict';
+import { parseCidr } from '../net/cidr.js';
 
 export const LUN_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 
@@ -41,11 +42,16 @@ const lunSchema = {
     format: String,
     default: '',
   },
+  allowedNetworks: {
+    doc: 'Client networks allowed to see and attach this export, as CIDRs ("10.0.0.0/8", "::1/128"); empty allows every client that reaches the listener.',
+    format: 'cidr-array',
+    default: [] as string[],
+  },
 };
 
 export type LunConfig = {
   name: string; path: string; role: 'primary' | 'secondary'; mirror: 'sync' | 'async' | 'none';
-  readOnly: boolean; description: string;
+  readOnly: boolean; description: string; allowedNetworks: string[];
 };
 
 convict.addFormat({
@@ -60,6 +66,23 @@ convict.addFormat({
         throw new Error(`[${i}]${describeChildError((err as Error).message)}`);
       }
     });
+  },
+});
+
+convict.addFormat({
+  name: 'cidr-array',
+  validate(items: unknown) {
+    if (!Array.isArray(items)) throw new Error('must be an array of CIDR strings');
+    for (const item of items) {
+      if (typeof item !== 'string' || !parseCidr(item)) throw new Error(`"${String(item)}" is not a CIDR such as 10.0.0.0/8 or ::1/128`);
+    }
+  },
+});
+
+convict.addFormat({
+  name: 'optional-path',
+  validate(v: unknown) {
+    if (typeof v !== 'string') throw new Error('must be a path (or "" for none)');
   },
 });
 
@@ -82,6 +105,19 @@ export function lunChild() {
   return convict<LunConfig>(lunSchema as convict.Schema<LunConfig>);
 }
 
+/** TLS material, shared by the host listener and the mirror link. Paths; "" means none. */
+function credentialsSchema(what: string, envPrefix: string) {
+  return {
+    pskFile: {
+      doc: `${what}: pre-shared keys, one "identity:hexkey" per line (the format of GnuTLS psktool), at least 16 bytes of key each.`,
+      format: 'optional-path', default: '', env: `${envPrefix}_PSK_FILE`,
+    },
+    certFile: { doc: `${what}: this site's X.509 certificate chain (PEM).`, format: 'optional-path', default: '', env: `${envPrefix}_CERT_FILE` },
+    keyFile: { doc: `${what}: the private key of certFile (PEM); must not be readable by others.`, format: 'optional-path', default: '', env: `${envPrefix}_KEY_FILE` },
+    caFile: { doc: `${what}: CA certificates (PEM) the other side's certificate must chain to.`, format: 'optional-path', default: '', env: `${envPrefix}_CA_FILE` },
+  };
+}
+
 export const schema = {
   site: {
     doc: 'This site\'s name; the peer checks it on every mirror connection and heartbeat.',
@@ -94,6 +130,11 @@ export const schema = {
   listen: {
     host: { doc: 'Address the NBD listener binds (hosts connect here).', format: 'host', default: '127.0.0.1', env: 'NBD_MIRROR_LISTEN_HOST' },
     port: { doc: 'NBD listener TCP port (10809 is the IANA NBD port; 0 picks a free one).', format: 'port', default: 10809, env: 'NBD_MIRROR_LISTEN_PORT' },
+    tls: {
+      doc: 'NBD STARTTLS for hosts: off (not offered), allow (offered, plain clients still served), require (plain clients refused with NBD_REP_ERR_TLS_REQD).',
+      format: ['off', 'allow', 'require'], default: 'off', env: 'NBD_MIRROR_LISTEN_TLS',
+    },
+    credentials: credentialsSchema('Hosts\' TLS (listen.tls)', 'NBD_MIRROR_LISTEN_TLS'),
   },
   dataDir: {
     doc: 'Directory for journals and per-LUN metadata; created if missing.',
@@ -122,6 +163,11 @@ export const schema = {
       port: { doc: 'The peer site\'s mirror port (TCP pool and UDP heartbeats).', format: 'port', default: 10810, env: 'NBD_MIRROR_PEER_PORT' },
       site: { doc: 'The peer\'s site name, checked on every connection; empty accepts any name but our own.', format: String, default: '', env: 'NBD_MIRROR_PEER_SITE' },
     },
+    tls: {
+      doc: 'Mirror link security: psk (TLS 1.3 with the key in credentials.pskFile), cert (TLS 1.3, mutual X.509 certificates), off (plain TCP: anyone who reaches the port can write the secondaries; warned at startup).',
+      format: ['psk', 'cert', 'off'], default: 'psk', env: 'NBD_MIRROR_MIRROR_TLS',
+    },
+    credentials: credentialsSchema('Mirror link (mirror.tls); pskFile also authenticates heartbeats (HMAC-SHA256) in every mode', 'NBD_MIRROR_MIRROR'),
     connections: { doc: 'TCP connections in the pool toward the peer (the connection array).', format: 'int', default: 4, env: 'NBD_MIRROR_CONNECTIONS' },
     connectTimeoutMs: { doc: 'How long one pool connection may take to connect and exchange hellos.', format: 'nat', default: 5000 },
     reconnectMs: { doc: 'Pause between attempts to bring the pool up while the peer is unreachable.', format: 'nat', default: 1000 },
@@ -168,8 +214,12 @@ export const schema = {
   },
 };
 
+export interface TlsCredentials { pskFile: string; certFile: string; keyFile: string; caFile: string }
+
 export interface MirrorConfig {
   listen: { host: string; port: number };
+  tls: 'psk' | 'cert' | 'off';
+  credentials: TlsCredentials;
   peer: { host: string; port: number; site: string };
   connections: number;
   connectTimeoutMs: number;
@@ -183,7 +233,7 @@ export interface SiteConfig {
   site: string;
   /** null when the file has no "mirror" section: the site runs alone. */
   mirror: MirrorConfig | null;
-  listen: { host: string; port: number };
+  listen: { host: string; port: number; tls: 'off' | 'allow' | 'require'; credentials: TlsCredentials };
   dataDir: string;
   admin: { host: string; port: number };
   luns: LunConfig[];

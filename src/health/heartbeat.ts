@@ -153,6 +153,12 @@ export interface HeartbeatOptions {
   peerHost: string;
   peerPort: number;
   intervalMs: number;
+  /**
+   * The shared mirror key (mirror.credentials.pskFile): datagrams are signed with HMAC-SHA256
+   * under it and unsigned or badly signed ones ignored. null: unauthenticated (mirror.tls "off"
+   * without a key file).
+   */
+  key?: Buffer | null;
 }
 
 export interface HeartbeatStats {

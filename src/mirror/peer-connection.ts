@@ -1,7 +1,8 @@
 // One element of the connection array: a TCP connection to the peer's mirror listener, the
 // time of its last sign of life, and its status. Requests go out with a per-connection id;
 // replies come back in any order and complete them.
-import net from 'node:net';
+import type net from 'node:net';
+import type { MirrorTransport } from '../security/mirror-tls.js';
 import { FrameParser, STOP, type FrameSink } from '../net/frame-parser.js';
 import { SocketReader } from '../net/socket-reader.js';
 import {
@@ -47,9 +48,11 @@ export class PeerConnection implements FrameSink {
   }
 
   /** Connect, send our hello, and resolve with the peer's. */
-  async open(host: string, port: number, hello: Buffer, timeoutMs: number, onDown: (reason: string) => void): Promise<Hello> {
+  async open(
+    transport: MirrorTransport, host: string, port: number, hello: Buffer, timeoutMs: number, onDown: (reason: string) => void,
+  ): Promise<Hello> {
     this.status = 'connecting';
-    const socket = net.connect({ host, port, noDelay: true });
+    const { socket, ready } = transport.connect(host, port);
     this.socket = socket;
     socket.setKeepAlive(true, 1000);
     const timer = setTimeout(() => socket.destroy(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
@@ -61,7 +64,7 @@ export class PeerConnection implements FrameSink {
     });
     failed.catch(() => undefined);   // after the hello, errors are handled by the close path
     try {
-      await Promise.race([new Promise<void>((resolve) => socket.once('connect', resolve)), failed]);
+      await Promise.race([new Promise<void>((resolve) => socket.once(ready, resolve)), failed]);
       socket.write(hello);
       const reader = new SocketReader(socket);
       const len = (await Promise.race([reader.read(4), failed])).readUInt32BE(0);

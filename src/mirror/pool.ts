@@ -5,6 +5,7 @@
 import crypto from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type { Logger } from '../log.js';
+import type { MirrorTransport } from '../security/mirror-tls.js';
 import { ENOTCONN, PeerConnection, type MirrorOp } from './peer-connection.js';
 import { CONTROL, encodeHello, HELLO_ANSWER, HELLO_OFFER, type LunAnswer, type LunOffer } from './wire.js';
 
@@ -37,7 +38,7 @@ export class MirrorPool extends EventEmitter<PoolEvents> {
   downReason = '';
   private lastFailure = '';
 
-  constructor(private readonly opts: PoolOptions, private readonly log: Logger) {
+  constructor(private readonly opts: PoolOptions, private readonly transport: MirrorTransport, private readonly log: Logger) {
     super();
     this.elements = Array.from({ length: opts.connections }, (_, i) => new PeerConnection(i));
     for (const e of this.elements) {
@@ -57,7 +58,7 @@ export class MirrorPool extends EventEmitter<PoolEvents> {
     const onDown = (reason: string) => this.teardown(generation, reason);
     try {
       const hellos = await Promise.all(this.elements.map((e) =>
-        e.open(this.opts.peerHost, this.opts.peerPort, hello, this.opts.connectTimeoutMs, onDown)));
+        e.open(this.transport, this.opts.peerHost, this.opts.peerPort, hello, this.opts.connectTimeoutMs, onDown)));
       const answer = hellos[0];
       if (answer.kind !== HELLO_ANSWER) throw new Error('peer did not answer with a mirror hello');
       if (answer.site === this.opts.site) throw new Error(`peer calls itself "${answer.site}", as this site does: refusing to mirror to ourselves`);

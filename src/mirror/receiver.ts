@@ -9,6 +9,7 @@ import type { LunRegistry } from '../lun/registry.js';
 import { nbdErrno } from '../nbd/errors.js';
 import { FrameParser, STOP, type FrameSink } from '../net/frame-parser.js';
 import { SocketReader } from '../net/socket-reader.js';
+import type { MirrorTransport } from '../security/mirror-tls.js';
 import { ApplyOrder } from './apply-order.js';
 import {
   CONTROL, CONTROL_REQID, ESTALE, decodeHello, encodeHello, HELLO_ANSWER, HELLO_OFFER, MAX_HELLO_LENGTH, MAX_MIRROR_PAYLOAD, MIRROR_FLAG, MIRROR_OP,
@@ -38,6 +39,8 @@ export interface ReceiverOptions {
   idleCheckMs: number;
   /** False once the peer's heartbeats have been silent for longer than the timeout. */
   peerAlive: () => boolean;
+  /** TLS or plain TCP; default plain (unit tests that speak the wire directly). */
+  transport?: MirrorTransport;
 }
 
 export class MirrorReceiver {
@@ -47,7 +50,9 @@ export class MirrorReceiver {
   readonly secondaries = new Map<string, SecondaryState>();
 
   constructor(private readonly luns: LunRegistry, private readonly opts: ReceiverOptions, private readonly log: Logger) {
-    this.server = net.createServer({ noDelay: true }, (s) => this.accept(s));
+    this.server = opts.transport
+      ? opts.transport.createServer((s) => void this.accept(s))
+      : net.createServer({ noDelay: true }, (s) => void this.accept(s));
   }
 
   listen(host: string, port: number): Promise<AddressInfo> {

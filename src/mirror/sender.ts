@@ -8,6 +8,7 @@ import { LinkMonitor } from '../health/link-monitor.js';
 import type { Logger } from '../log.js';
 import { LunMirror, type MirrorStore } from '../lun/lun-mirror.js';
 import type { Lun } from '../lun/lun.js';
+import type { MirrorTransport } from '../security/mirror-tls.js';
 import { MirrorPool } from './pool.js';
 
 /**
@@ -25,11 +26,11 @@ export class MirrorSender {
   private connecting = false;
   private lastAttemptMs = 0;
 
-  constructor(site: string, private readonly cfg: MirrorConfig, private readonly log: Logger) {
+  constructor(site: string, private readonly cfg: MirrorConfig, transport: MirrorTransport, private readonly log: Logger) {
     this.pool = new MirrorPool({
       site, peerHost: cfg.peer.host, peerPort: cfg.peer.port, peerSite: cfg.peer.site,
       connections: cfg.connections, connectTimeoutMs: cfg.connectTimeoutMs,
-    }, log);
+    }, transport, log);
     this.monitor = new LinkMonitor(cfg.heartbeat);
     this.monitor.on('state', (from, to, reason) => this.log.info('mirror link state', { from, to, reason }));
     this.monitor.on('down', (reason) => this.pool.disconnect(reason));

@@ -3,6 +3,7 @@
 import type { AddressInfo } from 'node:net';
 import net from 'node:net';
 import { listenOn } from '../net/listen.js';
+import type { Credentials } from '../security/credentials.js';
 import type { Logger } from '../log.js';
 import type { LunRegistry } from '../lun/registry.js';
 import { negotiate, NegotiationEnded } from './handshake.js';
@@ -10,6 +11,12 @@ import { ConnectionClosed } from '../net/socket-reader.js';
 import { Transmission, type ProtocolViolation } from './transmission.js';
 
 const HANDSHAKE_TIMEOUT_MS = 30_000;
+
+/** Hosts' TLS: listen.tls and the material loaded from listen.credentials (null when off). */
+export interface HostTls {
+  mode: 'off' | 'allow' | 'require';
+  credentials: Credentials | null;
+}
 
 interface Connection {
   socket: net.Socket;
@@ -23,7 +30,7 @@ export class NbdServer {
   private readonly connections = new Set<Connection>();
   private shuttingDown = false;
 
-  constructor(private readonly luns: LunRegistry, private readonly log: Logger) {
+  constructor(private readonly luns: LunRegistry, private readonly log: Logger, private readonly tls: HostTls = { mode: 'off', credentials: null }) {
     this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
   }
 

@@ -43,27 +43,29 @@ describe('config: parseConfig', function () {
   it('gives a minimal config the documented defaults', function () {
     const cfg = parse(minimal());
     expect(cfg.site).to.equal('a');
-    expect(cfg.listen).to.deep.equal({ host: '127.0.0.1', port: 10809 });
+    expect(cfg.listen).to.deep.equal({
+      host: '127.0.0.1', port: 10809, tls: 'off', credentials: { pskFile: '', certFile: '', keyFile: '', caFile: '' },
+    });
     expect(cfg.admin).to.deep.equal({ host: '127.0.0.1', port: 10811 });
     expect(cfg.log.level).to.equal('info');
     expect(cfg.log.format).to.equal('auto');
     expect(cfg.shutdownTimeoutMs).to.equal(10000);
     expect(cfg.mirror, 'no mirror section: the site runs alone').to.equal(null);
     expect(cfg.luns).to.deep.equal([
-      { name: 'lun0', path: image, role: 'primary', mirror: 'none', readOnly: false, description: '' },
+      { name: 'lun0', path: image, role: 'primary', mirror: 'none', readOnly: false, description: '', allowedNetworks: [] },
     ]);
   });
 
   it('keeps explicit values', function () {
     const cfg = parse({
       site: 'east-1', listen: { host: '0.0.0.0', port: 0 }, admin: { port: 9000 }, log: { level: 'debug', format: 'json' },
-      mirror: { peer: { host: '192.0.2.7', site: 'west-1' } },
+      mirror: { peer: { host: '192.0.2.7', site: 'west-1' }, tls: 'off' },
       luns: [
         { name: 'lun0', path: image, role: 'primary', mirror: 'sync', description: 'db' },
         { name: 'lun1', path: image2, role: 'secondary', readOnly: true },
       ],
     });
-    expect(cfg.listen).to.deep.equal({ host: '0.0.0.0', port: 0 });
+    expect([cfg.listen.host, cfg.listen.port]).to.deep.equal(['0.0.0.0', 0]);
     expect(cfg.admin.port).to.equal(9000);
     expect(cfg.log).to.deep.equal({ level: 'debug', format: 'json' });
     expect(cfg.mirror?.peer.host).to.equal('192.0.2.7');
@@ -171,7 +173,7 @@ describe('config: parseConfig', function () {
   });
 
   it('a secondary with mirror sync names luns[0].mirror', function () {
-    expect(configError({ site: 'a', mirror: {}, luns: [{ name: 'lun0', path: image, role: 'secondary', mirror: 'sync' }] }))
+    expect(configError({ site: 'a', mirror: { tls: 'off' }, luns: [{ name: 'lun0', path: image, role: 'secondary', mirror: 'sync' }] }))
       .to.include('luns[0].mirror');
   });
 

@@ -11,6 +11,9 @@ export { freePort, freePorts } from './ports.js';
 export { tmpDir, Cleanup, sparseFile, randomFile, sha256File, readAt, pollUntil, pathExists } from './tmp.js';
 export { exec, execNoThrow, ExecError, type ExecResult, type ExecOptions } from './exec.js';
 
+/** The key every test site shares for its mirror link and heartbeats (psktool format). */
+export const TEST_MIRROR_PSK_LINE = `nbd-mirror-test:${'5e'.repeat(32)}\n`;
+
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 
 /**
@@ -172,6 +175,13 @@ export async function startSite(input: SiteConfigInput, opts: StartSiteOptions =
       luns: input.luns,
       log: input.log ?? { level: 'info' },
     };
+    // Mirrored sites run the default, secure link (TLS-PSK) unless a test picks another mode.
+    const mirror = config.mirror as Record<string, unknown> | undefined;
+    if (mirror && mirror.tls === undefined) {
+      const pskFile = dir.join('mirror.psk');
+      await fs.writeFile(pskFile, TEST_MIRROR_PSK_LINE, { mode: 0o600 });
+      config.mirror = { ...mirror, tls: 'psk', credentials: { pskFile, ...(mirror.credentials as object | undefined) } };
+    }
     const configPath = dir.join('config.json');
     await fs.writeFile(configPath, JSON.stringify(config, null, 2));
 
