@@ -234,6 +234,7 @@ export class Site {
     return {
       site: this.config.site,
       listen: this.nbdAddress,
+      hostTls: this.config.listen.tls === 'off' ? null : { mode: this.config.listen.tls, ...this.nbd.tlsStats },
       mirror: this.sender && {
         listen: this.mirrorAddress,
         peer: this.sender.pool.peerSite || this.config.mirror!.peer.site,

@@ -28,7 +28,9 @@ export interface MetricsSnapshot {
     peer?: string;
     connections: Array<{ status: string }>;
     heartbeat?: { sent: number; received: number; ignored: Record<string, number>; lastReceivedMs: number | null; rttMs: number | null };
+    authentication?: { refused: number; failedOutgoing: number };
   } | null;
+  hostTls?: { established: number; failed: number };
 }
 
 export class Metrics {
@@ -119,6 +121,25 @@ export class Metrics {
       name: 'nbd_mirror_heartbeats_ignored_total', help: 'Heartbeat datagrams ignored, by reason (malformed, wrong site, replayed).',
       labelNames: ['reason'], registers: [r],
       collect() { this.reset(); for (const [k, v] of Object.entries(hb()?.ignored ?? {})) this.labels(k).inc(v); },
+    });
+    new client.Counter({
+      name: 'nbd_mirror_peer_auth_refused_total',
+      help: 'Mirror connections refused because TLS authentication failed (direction in: a peer connecting to us; out: our connection refused).',
+      labelNames: ['direction'], registers: [r],
+      collect() {
+        this.reset();
+        const a = take().mirror?.authentication;
+        if (a) { this.labels('in').inc(a.refused); this.labels('out').inc(a.failedOutgoing); }
+      },
+    });
+    new client.Counter({
+      name: 'nbd_mirror_host_tls_handshakes_total', help: 'Host STARTTLS handshakes, by result.',
+      labelNames: ['result'], registers: [r],
+      collect() {
+        this.reset();
+        const t = take().hostTls;
+        if (t) { this.labels('ok').inc(t.established); this.labels('failed').inc(t.failed); }
+      },
     });
     // Labelled by peer so that "never heard" is no sample at all, not a reassuring 0.
     const peerOf = () => take().mirror?.peer || 'peer';

@@ -106,10 +106,10 @@ export function lunChild() {
 }
 
 /** TLS material, shared by the host listener and the mirror link. Paths; "" means none. */
-function credentialsSchema(what: string, envPrefix: string) {
+function credentialsSchema(what: string, envPrefix: string, pskNote = '') {
   return {
     pskFile: {
-      doc: `${what}: pre-shared keys, one "identity:hexkey" per line (the format of GnuTLS psktool), at least 16 bytes of key each.`,
+      doc: `${what}: pre-shared keys, one "identity:hexkey" per line (the format of GnuTLS psktool), at least 16 bytes of key each.${pskNote}`,
       format: 'optional-path', default: '', env: `${envPrefix}_PSK_FILE`,
     },
     certFile: { doc: `${what}: this site's X.509 certificate chain (PEM).`, format: 'optional-path', default: '', env: `${envPrefix}_CERT_FILE` },
@@ -167,7 +167,8 @@ export const schema = {
       doc: 'Mirror link security: psk (TLS 1.3 with the key in credentials.pskFile), cert (TLS 1.3, mutual X.509 certificates), off (plain TCP: anyone who reaches the port can write the secondaries; warned at startup).',
       format: ['psk', 'cert', 'off'], default: 'psk', env: 'NBD_MIRROR_MIRROR_TLS',
     },
-    credentials: credentialsSchema('Mirror link (mirror.tls); pskFile also authenticates heartbeats (HMAC-SHA256) in every mode', 'NBD_MIRROR_MIRROR'),
+    credentials: credentialsSchema('Mirror link (mirror.tls)', 'NBD_MIRROR_MIRROR',
+      ' One key, the same file at both sites; it also signs the heartbeats (HMAC-SHA256), so "cert" needs it too.'),
     connections: { doc: 'TCP connections in the pool toward the peer (the connection array).', format: 'int', default: 4, env: 'NBD_MIRROR_CONNECTIONS' },
     connectTimeoutMs: { doc: 'How long one pool connection may take to connect and exchange hellos.', format: 'nat', default: 5000 },
     reconnectMs: { doc: 'Pause between attempts to bring the pool up while the peer is unreachable.', format: 'nat', default: 1000 },

@@ -1,5 +1,6 @@
 // One LUN: its backing store and the write path hosts see through NBD. Mirroring policy
 // (sync / async / journal) wraps these operations without the NBD layer knowing.
+import { allowList } from '../net/cidr.js';
 import type { Backing, Extent } from '../storage/backing.js';
 import type { LunMirror } from './lun-mirror.js';
 
@@ -13,6 +14,8 @@ export interface LunSpec {
   mirror: MirrorMode;
   readOnly: boolean;
   description: string;
+  /** Client networks (CIDRs) that may see and attach it; absent or empty: every client. */
+  allowedNetworks?: readonly string[];
 }
 
 export interface LunCounters {
@@ -33,13 +36,20 @@ export class Lun {
   /** Per-request latency hook (NBD command type, seconds), set by the metrics module. */
   latency: ((type: number, seconds: number) => void) | null = null;
 
-  constructor(readonly spec: LunSpec, readonly backing: Backing) {}
+  /** allowedNetworks as a predicate, built once here rather than per handshake (null: everyone). */
+  private readonly allowed: ((address: string | undefined) => boolean) | null;
+
+  constructor(readonly spec: LunSpec, readonly backing: Backing) {
+    this.allowed = allowList(spec.allowedNetworks ?? []);
+  }
 
   get name(): string { return this.spec.name; }
   get size(): number { return this.backing.size; }
   /** What hosts may do: a secondary is exported read-only, as is an explicitly read-only LUN. */
   get readOnly(): boolean { return this.spec.readOnly || this.spec.role === 'secondary'; }
   get description(): string { return this.spec.description; }
+  /** Whether a host at `address` may see and attach this LUN. */
+  allows(address: string | undefined): boolean { return this.allowed === null || this.allowed(address); }
 
   read(buf: Buffer, pos: number): Promise<void> {
     this.countRead(buf.length);

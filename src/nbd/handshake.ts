@@ -1,6 +1,7 @@
 // Fixed-newstyle handshake and option haggling, up to the start of transmission.
 // Hostile input (bad magic, unknown client flags, oversized options) ends the connection;
-// malformed but well-framed options get an error reply and negotiation goes on.
+// malformed but well-framed options get an error reply and negotiation goes on. STARTTLS swaps
+// the socket for a TLS one mid-negotiation; the Session names the socket transmission runs on.
 import type { Socket } from 'node:net';
 import type { Lun } from '../lun/lun.js';
 import type { LunRegistry } from '../lun/registry.js';
@@ -16,6 +17,8 @@ import { SocketReader } from '../net/socket-reader.js';
 
 /** What transmission needs from a finished negotiation. */
 export interface Session {
+  /** The connection's socket from now on: the TLS socket when STARTTLS upgraded it. */
+  socket: Socket;
   lun: Lun;
   exportFlags: number;
   structured: boolean;
@@ -32,6 +35,20 @@ export interface HandshakeContext {
   luns: LunRegistry;
   /** True once the server is shutting down: options get ERR_SHUTDOWN. */
   isShuttingDown(): boolean;
+  /** STARTTLS; absent when listen.tls is off (the option is then unsupported). */
+  tls?: HandshakeTls | null;
+  /** An export was hidden from this client by its allowedNetworks (once per export and connection). */
+  onRefused?(lun: string, option: number): void;
+}
+
+export interface HandshakeTls {
+  /** listen.tls "require" (FORCEDTLS): every option but STARTTLS and ABORT waits for TLS. */
+  required: boolean;
+  /**
+   * Upgrade the socket after NBD_REP_ACK: the TLS socket must exist when this returns (before
+   * any await), and the promise settles once the client is authenticated.
+   */
+  upgrade(socket: Socket): Promise<Socket>;
 }
 
 export function transmissionFlags(lun: Lun, structured: boolean): number {
@@ -43,13 +60,21 @@ export function transmissionFlags(lun: Lun, structured: boolean): number {
 }
 
 class Negotiation {
-  private readonly reader: SocketReader;
+  private reader: SocketReader;
+  private socket: Socket;
+  /** Taken before any upgrade: what allowedNetworks are checked against. */
+  private readonly address: string | undefined;
+  private fixed = false;
+  private secure = false;
+  private readonly refused = new Set<string>();
   private noZeroes = false;
   private structured = false;
   private metaExport: string | null = null;  // export name SET_META_CONTEXT applied to
   private baseAllocation = false;
 
-  constructor(private readonly socket: Socket, private readonly ctx: HandshakeContext) {
+  constructor(socket: Socket, private readonly ctx: HandshakeContext) {
+    this.socket = socket;
+    this.address = socket.remoteAddress;
     this.reader = new SocketReader(socket);
   }
 
@@ -69,6 +94,9 @@ class Negotiation {
     const { flags } = clientFlags.decode(await this.reader.read(clientFlags.span));
     if (flags & ~CLIENT_FLAGS_KNOWN) throw new NegotiationEnded(`unknown client flags 0x${flags.toString(16)}`);
     this.noZeroes = (flags & FLAG_NO_ZEROES) !== 0;
+    // TLS needs fixed newstyle; without it the spec leaves a server no way to insist on TLS.
+    this.fixed = (flags & FLAG_FIXED_NEWSTYLE) !== 0;
+    if (this.ctx.tls?.required && !this.fixed) throw new NegotiationEnded('TLS required, and the client does not speak fixed newstyle');
 
     for (;;) {
       const hdr = optionHeader.decode(await this.reader.read(optionHeader.span));
@@ -81,9 +109,48 @@ class Negotiation {
         if (hdr.option !== OPT.EXPORT_NAME) this.reply(hdr.option, REP.ERR_SHUTDOWN);
         throw new NegotiationEnded('server shutting down');
       }
+      if (hdr.option === OPT.STARTTLS) {
+        await this.startTls(data);
+        continue;
+      }
+      if (this.ctx.tls?.required && !this.secure && hdr.option !== OPT.ABORT) {
+        // FORCEDTLS: nothing is revealed before TLS. EXPORT_NAME cannot be answered with an error.
+        if (hdr.option === OPT.EXPORT_NAME) throw new NegotiationEnded('NBD_OPT_EXPORT_NAME without TLS, which is required');
+        this.reply(hdr.option, REP.ERR_TLS_REQD, 'TLS is required: send NBD_OPT_STARTTLS first');
+        continue;
+      }
       const session = this.option(hdr.option, data);
       if (session) return session;
     }
+  }
+
+  private async startTls(data: Buffer): Promise<void> {
+    const tls = this.ctx.tls;
+    if (!tls || !this.fixed) return this.reply(OPT.STARTTLS, REP.ERR_UNSUP, 'TLS is not offered');
+    if (this.secure) return this.reply(OPT.STARTTLS, REP.ERR_INVALID, 'TLS is already established');
+    if (data.length !== 0) return this.reply(OPT.STARTTLS, REP.ERR_INVALID, 'STARTTLS takes no data');
+    // A client must wait for our ACK before its TLS hello: plain bytes already here would otherwise
+    // pass for TLS-protected ones (the classic STARTTLS injection).
+    if (this.reader.detach().length !== 0) throw new NegotiationEnded('data pipelined after NBD_OPT_STARTTLS');
+    this.reply(OPT.STARTTLS, REP.ACK);
+    this.socket = await tls.upgrade(this.socket);
+    this.reader = new SocketReader(this.socket);
+    this.secure = true;
+    // The spec: nothing negotiated before STARTTLS survives it.
+    this.structured = false;
+    this.metaExport = null;
+    this.baseAllocation = false;
+  }
+
+  /** The export `name` names, if this client may see it (allowedNetworks). */
+  private visible(name: string, option: number): Lun | undefined {
+    const lun = this.ctx.luns.find(name);
+    if (!lun || lun.allows(this.address)) return lun;
+    if (!this.refused.has(lun.name)) {
+      this.refused.add(lun.name);
+      this.ctx.onRefused?.(lun.name, option);
+    }
+    return undefined;
   }
 
   /** Handle one option; returns a Session when transmission starts. */
@@ -107,7 +174,7 @@ class Negotiation {
   }
 
   private exportName(data: Buffer): Session {
-    const lun = this.ctx.luns.find(data.toString('utf8'));
+    const lun = this.visible(data.toString('utf8'), OPT.EXPORT_NAME);
     // EXPORT_NAME has no way to report an error but to close the connection.
     if (!lun) throw new NegotiationEnded(`unknown export ${JSON.stringify(data.toString('utf8'))}`);
     const flags = transmissionFlags(lun, this.structured);
@@ -119,6 +186,7 @@ class Negotiation {
   private list(data: Buffer): void {
     if (data.length !== 0) return this.reply(OPT.LIST, REP.ERR_INVALID, 'LIST takes no data');
     for (const lun of this.ctx.luns.all()) {
+      if (!lun.allows(this.address)) continue;
       const name = Buffer.from(lun.name, 'utf8');
       const payload = Buffer.alloc(4 + name.length);
       payload.writeUInt32BE(name.length, 0);
@@ -134,7 +202,9 @@ class Negotiation {
       this.reply(option, REP.ERR_INVALID, 'malformed INFO/GO request');
       return null;
     }
-    const lun = this.ctx.luns.find(parsed.name);
+    // A hidden export gets exactly the answer of a missing one (ERR_UNKNOWN, not ERR_POLICY):
+    // a client outside allowedNetworks does not learn which names exist.
+    const lun = this.visible(parsed.name, option);
     if (!lun) {
       this.reply(option, REP.ERR_UNKNOWN, `no export named ${JSON.stringify(parsed.name)}`);
       return null;
@@ -167,7 +237,7 @@ class Negotiation {
     const req = parseMetaContextRequest(data);
     if (!req) return this.reply(option, REP.ERR_INVALID, 'malformed meta context request');
     if (!this.structured) return this.reply(option, REP.ERR_INVALID, 'structured replies not negotiated');
-    if (!this.ctx.luns.find(req.exportName)) {
+    if (!this.visible(req.exportName, option)) {
       return this.reply(option, REP.ERR_UNKNOWN, `no export named ${JSON.stringify(req.exportName)}`);
     }
     const set = option === OPT.SET_META_CONTEXT;
@@ -193,7 +263,9 @@ class Negotiation {
     // Contexts chosen for another export do not carry over (the default export "" is the first LUN).
     const metaLun = this.metaExport === null ? null : this.ctx.luns.find(this.metaExport);
     const baseAllocation = this.baseAllocation && metaLun === lun;
-    return { lun, exportFlags, structured: this.structured, baseAllocation, leftover: this.reader.detach() };
+    return {
+      socket: this.socket, lun, exportFlags, structured: this.structured, baseAllocation, leftover: this.reader.detach(),
+    };
   }
 
   private reply(option: number, type: number, payload?: Buffer | string): void {

@@ -1,13 +1,16 @@
-// The NBD listener: accepts host connections, runs the handshake, then hands each connection
-// to a Transmission. Owns connection lifetimes and graceful shutdown.
+// The NBD listener: accepts host connections, runs the handshake (upgrading to TLS when the
+// client asks, or must), then hands each connection to a Transmission. Owns connection
+// lifetimes and graceful shutdown.
 import type { AddressInfo } from 'node:net';
 import net from 'node:net';
 import { listenOn } from '../net/listen.js';
 import type { Credentials } from '../security/credentials.js';
 import type { Logger } from '../log.js';
 import type { LunRegistry } from '../lun/registry.js';
-import { negotiate, NegotiationEnded } from './handshake.js';
+import { OPT } from './constants.js';
+import { negotiate, NegotiationEnded, type HandshakeTls } from './handshake.js';
 import { ConnectionClosed } from '../net/socket-reader.js';
+import { HostTlsServer, TlsHandshakeFailed, type HostTlsStats } from './tls.js';
 import { Transmission, type ProtocolViolation } from './transmission.js';
 
 const HANDSHAKE_TIMEOUT_MS = 30_000;
@@ -19,6 +22,7 @@ export interface HostTls {
 }
 
 interface Connection {
+  /** The plain socket, then the TLS socket once STARTTLS succeeded. */
   socket: net.Socket;
   peer: string;
   lun: string | null;
@@ -29,9 +33,19 @@ export class NbdServer {
   private readonly server: net.Server;
   private readonly connections = new Set<Connection>();
   private shuttingDown = false;
+  private readonly hostTls: HostTlsServer | null = null;
 
   constructor(private readonly luns: LunRegistry, private readonly log: Logger, private readonly tls: HostTls = { mode: 'off', credentials: null }) {
     this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    if (tls.mode !== 'off') {
+      if (!tls.credentials) throw new Error(`listen.tls "${tls.mode}" without credentials`);
+      this.hostTls = new HostTlsServer(tls.credentials, log);
+    }
+  }
+
+  /** STARTTLS outcomes since start (zeros when listen.tls is off). */
+  get tlsStats(): HostTlsStats {
+    return { ...(this.hostTls?.stats ?? { established: 0, failed: 0 }) };
   }
 
   listen(host: string, port: number): Promise<AddressInfo> {
@@ -63,26 +77,55 @@ export class NbdServer {
       return;
     }
     // A client that connects and never finishes the handshake is not kept forever.
-    socket.setTimeout(HANDSHAKE_TIMEOUT_MS, () => {
+    const timedOut = (): void => {
       this.log.info('handshake timed out', { peer: conn.peer, timeoutMs: HANDSHAKE_TIMEOUT_MS });
+      conn.socket.destroy();
       socket.destroy();
-    });
-    negotiate(socket, { luns: this.luns, isShuttingDown: () => this.shuttingDown }).then(
+    };
+    socket.setTimeout(HANDSHAKE_TIMEOUT_MS, timedOut);
+    negotiate(socket, {
+      luns: this.luns,
+      isShuttingDown: () => this.shuttingDown,
+      tls: this.handshakeTls(conn, timedOut),
+      onRefused: (lun, option) => this.log.info('export hidden from host: address not in allowedNetworks', {
+        peer: conn.peer, lun, option: optionName(option),
+      }),
+    }).then(
       (session) => {
-        socket.setTimeout(0);
-        if (socket.destroyed) return;
+        session.socket.setTimeout(0);
+        if (session.socket.destroyed) return;
         conn.lun = session.lun.name;
-        conn.transmission = new Transmission(socket, session, (v) => this.violation(conn, v));
+        conn.transmission = new Transmission(session.socket, session, (v) => this.violation(conn, v));
         if (this.shuttingDown) conn.transmission.drain();
         this.log.debug('host connected', { peer: conn.peer, lun: conn.lun, structured: session.structured });
       },
       (err: Error) => {
+        if (err instanceof TlsHandshakeFailed) return;   // logged and counted by HostTlsServer
         if (err instanceof NegotiationEnded) this.log.info('handshake ended', { peer: conn.peer, reason: err.message });
         else if (!(err instanceof ConnectionClosed)) this.log.warn('handshake failed', { peer: conn.peer, error: err.message });
-        socket.end();
-        socket.destroySoon();
+        conn.socket.end();
+        conn.socket.destroySoon();
       },
     );
+  }
+
+  /** STARTTLS for one connection: the handshake timeout moves to the TLS socket once it is up. */
+  private handshakeTls(conn: Connection, timedOut: () => void): HandshakeTls | null {
+    const hostTls = this.hostTls;
+    if (!hostTls) return null;
+    return {
+      required: this.tls.mode === 'require',
+      upgrade: async (plain) => {
+        // During the TLS handshake the plain socket's timer still runs (TLS traffic bypasses its
+        // JS side, so it counts from the STARTTLS reply): a stalled handshake is cut after 30 s.
+        const secure = await hostTls.upgrade(plain, conn.peer);
+        secure.on('error', (err) => this.log.debug('host connection error', { peer: conn.peer, error: err.message }));
+        plain.setTimeout(0);
+        secure.setTimeout(HANDSHAKE_TIMEOUT_MS, timedOut);
+        conn.socket = secure;
+        return secure;
+      },
+    };
   }
 
   private violation(conn: Connection, v: ProtocolViolation): void {
@@ -115,4 +158,8 @@ export class NbdServer {
     await closed;
     clearTimeout(grace);
   }
+}
+
+function optionName(option: number): string {
+  return Object.entries(OPT).find(([, v]) => v === option)?.[0] ?? String(option);
 }

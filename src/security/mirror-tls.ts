@@ -10,6 +10,9 @@ import type { Credentials } from './credentials.js';
 /** TLS 1.3 suites OpenSSL can use with an external PSK (its PSK callbacks need a SHA-256 suite). */
 const TLS13_SUITES = 'TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384';
 
+/** A peer must finish the TLS handshake within this time. */
+const HANDSHAKE_TIMEOUT_MS = 10_000;
+
 export interface MirrorTlsStats {
   /** Incoming connections whose TLS handshake failed (wrong key, wrong certificate, not TLS). */
   refused: number;
@@ -36,14 +39,28 @@ export class MirrorTransport {
   /** The mirror listener; `accept` sees only peers that passed authentication. */
   createServer(accept: (socket: net.Socket) => void): net.Server {
     if (this.mode === 'off') return net.createServer({ noDelay: true }, accept);
-    const server = tls.createServer({ noDelay: true, ...this.serverOptions() }, accept);
-    server.on('tlsClientError', (err, socket) => {
-      this.stats.refused++;
-      this.log.warn('mirror peer refused: TLS authentication failed', {
-        peer: `${socket.remoteAddress}:${socket.remotePort}`, reason: err.message,
-      });
+    // A tls.Server that never listens: it verifies the peer (Node checks client certificates
+    // only for its sockets), while the outer listener sees every raw connection and so can name
+    // the peer of a failed handshake (by then the TLS socket has lost its address).
+    const secured = new Set<string>();
+    let lastError = '';
+    const tlsServer = tls.createServer({ ...this.serverOptions(), handshakeTimeout: HANDSHAKE_TIMEOUT_MS }, (socket) => {
+      const peer = `${socket.remoteAddress}:${socket.remotePort}`;
+      secured.add(peer);
+      socket.once('close', () => secured.delete(peer));
+      accept(socket);
     });
-    return server;
+    tlsServer.on('tlsClientError', (err, socket) => { lastError = socket.authorizationError ? String(socket.authorizationError) : err.message; });
+    return net.createServer({ noDelay: true }, (raw) => {
+      const peer = `${raw.remoteAddress}:${raw.remotePort}`;
+      raw.once('close', () => {
+        if (secured.has(peer)) return;
+        this.stats.refused++;
+        this.log.warn('mirror peer refused: TLS authentication failed', { peer, reason: lastError || 'closed during the handshake' });
+        lastError = '';
+      });
+      tlsServer.emit('connection', raw);
+    });
   }
 
   /** Subject of the peer certificate, for the log (cert mode). */

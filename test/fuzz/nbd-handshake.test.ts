@@ -1,8 +1,10 @@
 // Fuzz: NBD option haggling (src/nbd/handshake.ts). negotiate() is driven over a real loopback
 // socket pair with random option sequences after a valid client-flags word; it must settle
 // (Session, or rejection with an Error) within a time bound, never throw synchronously, never
-// crash the process, and everything it writes must be well-formed option replies. The pure
-// payload parsers never throw and return null or a well-formed request.
+// crash the process, and everything it writes must be well-formed option replies. With
+// listen.tls "allow"/"require" (a real HostTlsServer, in-memory PSK), STARTTLS starts a TLS
+// handshake the fuzz client never finishes, and "require" must answer every option before TLS
+// with ERR_TLS_REQD. The pure payload parsers never throw and return null or a well-formed request.
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -15,9 +17,11 @@ import { LunRegistry } from '../../src/lun/registry.js';
 import {
   IHAVEOPT, INFO, MAX_STRING, META_BASE_ALLOCATION, NBDMAGIC, OPT, REP, REPLY_MAGIC_OPT,
 } from '../../src/nbd/constants.js';
-import { negotiate, NegotiationEnded, parseInfoRequest, parseMetaContextRequest, type Session } from '../../src/nbd/handshake.js';
+import { negotiate, NegotiationEnded, parseInfoRequest, parseMetaContextRequest, type HandshakeTls, type Session } from '../../src/nbd/handshake.js';
+import { HostTlsServer } from '../../src/nbd/tls.js';
 import { ConnectionClosed } from '../../src/net/socket-reader.js';
 import { Backing } from '../../src/storage/backing.js';
+import { silentLogger } from '../nbd/support.js';
 import { bytes, fuzz, ProcessGuard, timeoutFor, TOLERATE_KNOWN, u16, u32, utf8String, within, type TargetBudget } from './harness.js';
 
 const EXPORT = 'fuzz-disk';
@@ -93,11 +97,14 @@ const itemArb: fc.Arbitrary<Item> = fc.oneof(
 const inputArb = fc.record({
   clientFlags: fc.integer({ min: 0, max: 3 }),
   items: fc.array(itemArb, { maxLength: 8 }),
-  finish: fc.constantFrom('none', 'go', 'export-name', 'abort'),
+  finish: fc.constantFrom('none', 'go', 'export-name', 'abort', 'starttls'),
   trailer: bytes(40),
   shuttingDown: fc.oneof({ weight: 12, arbitrary: fc.constant(false) }, { weight: 1, arbitrary: fc.constant(true) }),
   chunked: fc.boolean(),
+  tls: fc.constantFrom('off', 'allow', 'require') as fc.Arbitrary<TlsMode>,
 });
+
+type TlsMode = 'off' | 'allow' | 'require';
 
 type Input = typeof inputArb extends fc.Arbitrary<infer T> ? T : never;
 
@@ -116,6 +123,7 @@ function finishBytes(finish: string): Buffer {
     case 'go': return encodeItem({ kind: 'option', option: OPT.GO, payload: infoPayload(name, [INFO.NAME], null), length: null, badMagic: false });
     case 'export-name': return encodeItem({ kind: 'option', option: OPT.EXPORT_NAME, payload: name, length: null, badMagic: false });
     case 'abort': return encodeItem({ kind: 'option', option: OPT.ABORT, payload: Buffer.alloc(0), length: null, badMagic: false });
+    case 'starttls': return encodeItem({ kind: 'option', option: OPT.STARTTLS, payload: Buffer.alloc(0), length: null, badMagic: false });
     default: return Buffer.alloc(0);
   }
 }
@@ -124,8 +132,11 @@ function finishBytes(finish: string): Buffer {
 
 const KNOWN_REPLIES = new Set<number>(Object.values(REP));
 
-/** Check what negotiate() wrote: greeting, then option replies, then (EXPORT_NAME) the export reply. */
-function checkServerOutput(out: Buffer, sentOptions: Set<number> | null, session: Session | null, noZeroes: boolean, shuttingDown: boolean): void {
+/**
+ * Check what negotiate() wrote: greeting, then option replies, then (EXPORT_NAME) the export
+ * reply, or after an ACKed STARTTLS only TLS records (not checked).
+ */
+function checkServerOutput(out: Buffer, sentOptions: Set<number> | null, session: Session | null, noZeroes: boolean, shuttingDown: boolean, tls: TlsMode): void {
   expect(out.length, 'greeting').to.be.at.least(18);
   expect(out.subarray(0, 8).equals(NBDMAGIC)).to.equal(true);
   expect(out.subarray(8, 16).equals(IHAVEOPT)).to.equal(true);
@@ -143,14 +154,34 @@ function checkServerOutput(out: Buffer, sentOptions: Set<number> | null, session
       expect(at + 20 + len, 'option reply overruns the output').to.be.at.most(out.length);
       if (type & 0x80000000) expect(len, 'error string over 4096 bytes').to.be.at.most(MAX_STRING);
       if (type === REP.ACK) expect(len).to.equal(0);
+      if (option === OPT.STARTTLS && tls === 'off' && type !== REP.ERR_SHUTDOWN) expect(type, 'STARTTLS with TLS off').to.equal(REP.ERR_UNSUP);
+      if (tls !== 'require') expect(type, 'ERR_TLS_REQD without listen.tls "require"').to.not.equal(REP.ERR_TLS_REQD);
+      // FORCEDTLS: before TLS, only STARTTLS and ABORT get anything but ERR_TLS_REQD.
+      if (tls === 'require' && option !== OPT.STARTTLS && option !== OPT.ABORT && type !== REP.ERR_SHUTDOWN) {
+        expect(type, `reply to option ${option} before TLS`).to.equal(REP.ERR_TLS_REQD);
+      }
       at += 20 + len;
+      if (option === OPT.STARTTLS && type === REP.ACK) {
+        // The client never speaks TLS here, so no session can follow.
+        expect(session, 'a session after STARTTLS without a TLS handshake').to.equal(null);
+        return;
+      }
       continue;
     }
     // Only the EXPORT_NAME reply may follow the option replies, and it ends the output.
     expect(session, `bytes after the option replies at ${at}: ${out.subarray(at, at + 24).toString('hex')}`).to.not.equal(null);
+    expect(tls, 'EXPORT_NAME answered without TLS under "require"').to.not.equal('require');
     expect(out.length - at).to.equal(noZeroes ? 10 : 134);
     return;
   }
+}
+
+/** Whether `out` holds a final reply to STARTTLS (ACK or an error). */
+function startTlsAnswered(out: Buffer): boolean {
+  for (let at = out.indexOf(REPLY_MAGIC_OPT); at >= 0 && at + 20 <= out.length; at = out.indexOf(REPLY_MAGIC_OPT, at + 1)) {
+    if (out.readUInt32BE(at + 8) === OPT.STARTTLS) return true;
+  }
+  return false;
 }
 
 // ---- fixture -------------------------------------------------------------------------------------
@@ -169,6 +200,14 @@ describe('fuzz: NBD handshake', function () {
   const acceptWaiters: ((s: net.Socket) => void)[] = [];
   const guard = new ProcessGuard();
   const tally = { session: 0, ended: 0, closed: 0, other: 0 };
+  // A PSK-only host TLS server, as listen.tls "allow"/"require" builds it (no files needed).
+  const key = Buffer.alloc(32, 0x42);
+  const hostTls = new HostTlsServer({
+    psk: { path: '(fuzz)', keys: new Map([['fuzz', key]]), first: { identity: 'fuzz', key } }, cert: null, key: null, ca: null,
+  }, silentLogger());
+  const tlsFor = (mode: TlsMode): HandshakeTls | null => (mode === 'off' ? null : {
+    required: mode === 'require', upgrade: (s) => hostTls.upgrade(s, 'fuzz'),
+  });
 
   before(async function () {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-fuzz-hs-'));
@@ -210,15 +249,33 @@ describe('fuzz: NBD handshake', function () {
     try {
       let p: Promise<Session>;
       try {
-        p = negotiate(sock, { luns: registry, isShuttingDown: () => input.shuttingDown });
+        p = negotiate(sock, { luns: registry, isShuttingDown: () => input.shuttingDown, tls: tlsFor(input.tls) });
       } catch (err) {
         throw new Error(`negotiate() threw synchronously: ${(err as Error).message}`);
       }
-      const stream = Buffer.concat([u32(input.clientFlags), ...input.items.map(encodeItem), finishBytes(input.finish), input.trailer]);
+      // Garbage can be parsed as options, so the option set is only known when there is none.
+      const pure = input.items.every((it) => it.kind === 'option' && it.length === null && !it.badMagic);
+      // 'starttls': the trailer (a would-be TLS hello) follows the server's answer, as a client's
+      // would; only when the options are well framed (else the server may rightly wait for more).
+      const late = input.finish === 'starttls' && pure;
+      const stream = Buffer.concat([u32(input.clientFlags), ...input.items.map(encodeItem), finishBytes(input.finish), late ? Buffer.alloc(0) : input.trailer]);
       if (input.chunked) {
         for (let at = 0; at < stream.length; at += 7) client.write(stream.subarray(at, at + 7));
       } else {
         client.write(stream);
+      }
+      if (late) {
+        // ...or negotiation ended before STARTTLS was read.
+        const settled = p.then(() => undefined, () => undefined);
+        await within(Promise.race([settled, new Promise<void>((resolve) => {
+          const answered = (): void => {
+            if (client.destroyed || startTlsAnswered(Buffer.concat(received))) resolve();
+            else client.once('data', answered);
+          };
+          client.once('close', resolve);
+          answered();
+        })]), SETTLE_MS, 'the answer to STARTTLS');
+        client.write(input.trailer);
       }
       client.end();   // the client is done: negotiate must settle now, whatever it was waiting for
       let session: Session | null = null;
@@ -234,6 +291,7 @@ describe('fuzz: NBD handshake', function () {
       }
       if (session) {
         expect(session.lun).to.equal(lun);
+        expect(session.socket, 'a session on the plain socket').to.equal(sock);
         expect(Buffer.isBuffer(session.leftover)).to.equal(true);
         expect(session.structured).to.be.a('boolean');
         expect(session.baseAllocation).to.be.a('boolean');
@@ -247,9 +305,8 @@ describe('fuzz: NBD handshake', function () {
       if (input.finish === 'go') sentOptions.add(OPT.GO);
       if (input.finish === 'abort') sentOptions.add(OPT.ABORT);
       if (input.finish === 'export-name') sentOptions.add(OPT.EXPORT_NAME);
-      // Garbage can be parsed as options, so the option set is only known when there is none.
-      const pure = input.items.every((it) => it.kind === 'option' && it.length === null && !it.badMagic);
-      checkServerOutput(Buffer.concat(received), pure ? sentOptions : null, session, (input.clientFlags & 2) !== 0, input.shuttingDown);
+      if (input.finish === 'starttls') sentOptions.add(OPT.STARTTLS);
+      checkServerOutput(Buffer.concat(received), pure ? sentOptions : null, session, (input.clientFlags & 2) !== 0, input.shuttingDown, input.tls);
     } finally {
       client.destroy();
       sock.destroy();
@@ -263,7 +320,7 @@ describe('fuzz: NBD handshake', function () {
       await fuzz('nbd negotiate (socket)', fc.asyncProperty(inputArb, drive), BUDGET);
     } finally {
       guard.disarm();
-      console.log(`      outcomes: ${JSON.stringify(tally)}`);
+      console.log(`      outcomes: ${JSON.stringify(tally)}, TLS handshakes failed: ${hostTls.stats.failed}`);
     }
   });
 
