@@ -514,13 +514,18 @@ function secondaryImage(ctx) {
  * `uptodate`. The handle talks to site a; stopping it stops a, then b. Extra
  * fields: adminPort (a), adminPortB, primary, secondary (handles).
  */
-async function startMirrorPair(ctx, { name, mode, heartbeat, reconnectMs, journalMaxBytes, connections = 4 }) {
+async function startMirrorPair(ctx, { name, mode, heartbeat, reconnectMs, journalMaxBytes, connections = 4, tls = 'psk' }) {
   const remoteImage = await secondaryImage(ctx);
   const [portA, adminA, mirrorA, portB, adminB, mirrorB] = await freePorts(6);
   const tag = name.replace(/[^a-z0-9]+/gi, '-');
+  // The default, secure link: TLS 1.3 with a pre-shared key both sites read from one file.
+  const pskFile = path.join(ctx.tmpDir, 'mirror.psk');
+  if (!fs.existsSync(pskFile)) fs.writeFileSync(pskFile, `bench:${crypto.randomBytes(32).toString('hex')}\n`, { mode: 0o600 });
   const mirror = (listen, peer, peerSite) => ({
     listen: { host: HOST, port: listen },
     peer: { host: HOST, port: peer, site: peerSite },
+    tls,
+    ...(tls === 'off' ? {} : { credentials: { pskFile } }),
     connections,
     ...(reconnectMs !== undefined ? { reconnectMs } : {}),
     ...(heartbeat ? { heartbeat } : {}),
@@ -674,6 +679,12 @@ const TARGETS = [
     seconds: SETTINGS.mirrorSeconds,
     start: (ctx) => startMirrorPair(ctx, { name: 'nbd-mirror async', mode: 'async' }),
   },
+  // The cost of the mirror link's TLS: the sync pair again over plain TCP (mirror.tls "off").
+  {
+    name: 'nbd-mirror sync plain',
+    seconds: SETTINGS.mirrorSeconds,
+    start: (ctx) => startMirrorPair(ctx, { name: 'nbd-mirror sync plain', mode: 'sync', tls: 'off' }),
+  },
 ];
 
 // Ratio columns: [ours, reference] (label "ours/reference", oriented so that
@@ -687,6 +698,8 @@ const RATIOS = [
   ['nbd-mirror', 'qemu-nbd'],
   ['nbd-mirror sync', 'nbdkit'],
   ['nbd-mirror async', 'nbdkit'],
+  // TLS on the mirror link vs plain TCP (< 1: what TLS costs).
+  { label: 'sync TLS/plain', ours: 'nbd-mirror sync', ref: 'nbd-mirror sync plain', plain: true },
   // The cost of synchronous mirroring at QD1: sync latency / unmirrored latency (lower is better).
   {
     label: 'sync QD1 latency / nbd-mirror QD1 latency',

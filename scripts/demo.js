@@ -3,6 +3,7 @@
 // Site a is primary for lun0 (sync), site b for lun1 (async); each is secondary for the other.
 // Ctrl-C stops both (gracefully).
 import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -24,10 +25,17 @@ function image(file) {
   return file;
 }
 
+/** The key both sites share for the mirror link (TLS-PSK) and heartbeats; made once, kept private. */
+function mirrorKey() {
+  const file = path.join(data, 'mirror.psk');
+  if (!fs.existsSync(file)) fs.writeFileSync(file, `demo:${crypto.randomBytes(32).toString('hex')}\n`, { mode: 0o600 });
+  return file;
+}
+
 function config(name) {
   const s = sites[name];
   const dir = path.join(data, name);
-  fs.mkdirSync(dir, { recursive: true });
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const cfg = {
     site: name,
     listen: { host: '127.0.0.1', port: s.nbd },
@@ -36,6 +44,8 @@ function config(name) {
     mirror: {
       listen: { host: '127.0.0.1', port: s.mirror },
       peer: { host: '127.0.0.1', port: s.peerMirror, site: s.peer },
+      tls: 'psk',
+      credentials: { pskFile: mirrorKey() },
       connections: 4,
     },
     luns: [

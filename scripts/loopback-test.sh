@@ -275,9 +275,11 @@ for l in lun0 lun1; do truncate -s "$LUN_SIZE" "$WORK/$l.shadow"; done
 log "ok   loop devices: a/lun0=${DEV[a-lun0]} a/lun1=${DEV[a-lun1]} b/lun0=${DEV[b-lun0]} b/lun1=${DEV[b-lun1]}"
 
 # ---- site configurations ----------------------------------------------------------------------------
+# Both sites share one mirror key (TLS-PSK and heartbeat HMAC), as two real sites would.
+( umask 077; printf 'loopback:%s\n' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >"$WORK/mirror.psk" )
 write_config() {  # SITE PEER  LUN0ROLE LUN0MODE LUN1ROLE LUN1MODE
   local s=$1 p=$2
-  mkdir -p "$WORK/$s/data"
+  mkdir -p -m 700 "$WORK/$s/data"
   cat >"$WORK/$s/config.json" <<JSON
 {
   "site": "$s",
@@ -291,6 +293,7 @@ write_config() {  # SITE PEER  LUN0ROLE LUN0MODE LUN1ROLE LUN1MODE
   "mirror": {
     "listen": { "host": "$(ip_of "$s")", "port": $MIRROR_PORT },
     "peer": { "host": "$(ip_of "$p")", "port": $MIRROR_PORT, "site": "$p" },
+    "tls": "psk", "credentials": { "pskFile": "$WORK/mirror.psk" },
     "connections": 4,
     "reconnectMs": 100,
     "heartbeat": { "intervalMs": $HB_INTERVAL, "timeoutMs": $HB_TIMEOUT, "probationMs": $HB_PROBATION }

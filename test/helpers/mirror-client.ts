@@ -3,6 +3,9 @@
 // duplicated, from a "previous run" of the primary...
 import crypto from 'node:crypto';
 import net from 'node:net';
+import tls from 'node:tls';
+import { parsePsk } from '../../src/security/psk.js';
+import { TEST_MIRROR_PSK_LINE } from './site.js';
 import {
   decodeHello, encodeHello, HELLO_OFFER, REPLY_MAGIC, REPLY_SIZE, REQUEST_HEADER_SIZE, writeRequestHeader,
   type Hello, type LunOffer, type MirrorRequestHeader,
@@ -19,6 +22,8 @@ export interface MirrorRequest {
   payload?: Buffer;
 }
 
+const TEST_PSK = parsePsk(TEST_MIRROR_PSK_LINE, 'test key').first;
+
 export class MirrorClient {
   private buf: Buffer = Buffer.alloc(0);
   private answer: Hello | null = null;
@@ -33,11 +38,19 @@ export class MirrorClient {
     socket.on('close', () => this.onClose(new Error('mirror connection closed')));
   }
 
-  /** Connect to a mirror listener and exchange hellos; resolves with the client and the peer's answer. */
-  static async connect(port: number, site: string, offers: LunOffer[], session: Buffer = crypto.randomBytes(8)): Promise<{ client: MirrorClient; answer: Hello }> {
-    const socket = net.connect({ host: '127.0.0.1', port, noDelay: true });
+  /**
+   * Connect to a mirror listener and exchange hellos; resolves with the client and the peer's
+   * answer. Speaks TLS-PSK with the test sites' shared key unless `psk` is null (mirror.tls "off").
+   */
+  static async connect(
+    port: number, site: string, offers: LunOffer[], session: Buffer = crypto.randomBytes(8),
+    psk: { identity: string; key: Buffer } | null = TEST_PSK,
+  ): Promise<{ client: MirrorClient; answer: Hello }> {
+    const socket = psk
+      ? tls.connect({ host: '127.0.0.1', port, minVersion: 'TLSv1.3', pskCallback: () => ({ identity: psk.identity, psk: psk.key }), checkServerIdentity: () => undefined })
+      : net.connect({ host: '127.0.0.1', port, noDelay: true });
     await new Promise<void>((resolve, reject) => {
-      socket.once('connect', resolve);
+      socket.once(psk ? 'secureConnect' : 'connect', resolve);
       socket.once('error', reject);
     });
     const client = new MirrorClient(socket);

@@ -34,9 +34,15 @@ export interface LunConfig {
   [key: string]: unknown;
 }
 
+/** listen.tls and listen.credentials, written to the config file as given. */
+export interface ListenTlsInput {
+  tls?: 'off' | 'allow' | 'require';
+  credentials?: { pskFile?: string; certFile?: string; keyFile?: string; caFile?: string };
+}
+
 export interface SiteConfig {
   site: string;
-  listen: { host: string; port: number };
+  listen: { host: string; port: number } & ListenTlsInput;
   dataDir: string;
   admin: { host: string; port: number };
   luns: LunConfig[];
@@ -47,7 +53,7 @@ export interface SiteConfig {
 /** Everything but `luns` may be omitted: ports default to free ports, dataDir to a temp dir. */
 export interface SiteConfigInput {
   site?: string;
-  listen?: { host?: string; port?: number };
+  listen?: { host?: string; port?: number } & ListenTlsInput;
   dataDir?: string;
   admin?: { host?: string; port?: number };
   luns: LunConfig[];
@@ -164,23 +170,24 @@ export async function startSite(input: SiteConfigInput, opts: StartSiteOptions =
     let adminPort = input.admin?.port ?? 0;
     while (adminPort === 0 || adminPort === port) adminPort = await freePort(adminHost);
     const dataDir = input.dataDir ?? dir.join('data');
-    await fs.mkdir(dataDir, { recursive: true });
+    await fs.mkdir(dataDir, { recursive: true, mode: 0o700 });
 
     const config: SiteConfig = {
       ...input,
       site: input.site ?? 'a',
-      listen: { host, port },
+      listen: { ...input.listen, host, port },
       dataDir,
       admin: { host: adminHost, port: adminPort },
       luns: input.luns,
       log: input.log ?? { level: 'info' },
     };
-    // Mirrored sites run the default, secure link (TLS-PSK) unless a test picks another mode.
-    const mirror = config.mirror as Record<string, unknown> | undefined;
-    if (mirror && mirror.tls === undefined) {
+    // Mirrored sites run the default, secure link (TLS-PSK) unless a test picks another mode;
+    // every secure mode shares the test key (it also signs the heartbeats) unless a test names one.
+    const mirror = config.mirror as { tls?: string; credentials?: Record<string, string> } | undefined;
+    if (mirror && mirror.tls !== 'off' && !mirror.credentials?.pskFile) {
       const pskFile = dir.join('mirror.psk');
       await fs.writeFile(pskFile, TEST_MIRROR_PSK_LINE, { mode: 0o600 });
-      config.mirror = { ...mirror, tls: 'psk', credentials: { pskFile, ...(mirror.credentials as object | undefined) } };
+      config.mirror = { ...mirror, tls: mirror.tls ?? 'psk', credentials: { ...mirror.credentials, pskFile } };
     }
     const configPath = dir.join('config.json');
     await fs.writeFile(configPath, JSON.stringify(config, null, 2));

@@ -27,8 +27,12 @@ describe('examples/: the site-a / site-b pair', function () {
     it(`${name}.json validates once its LUN paths exist`, function () {
       const file = path.join(ROOT, 'examples', `${name}.json`);
       const text = fs.readFileSync(file, 'utf8');
-      const doc = JSON.parse(text) as { luns: { name: string; path: string }[] };
+      const doc = JSON.parse(text) as { luns: { name: string; path: string }[]; mirror: { credentials: { pskFile: string } } };
       raw[name] = JSON.parse(text);
+      // The shared mirror key lives in /etc/nbd-mirror on a real site; here a test key stands in.
+      expect(doc.mirror.credentials.pskFile).to.equal('/etc/nbd-mirror/mirror.psk');
+      doc.mirror.credentials.pskFile = path.join(dir, 'mirror.psk');
+      fs.writeFileSync(doc.mirror.credentials.pskFile, `nbd-mirror:${'ab'.repeat(32)}\n`, { mode: 0o600 });
       for (const lun of doc.luns) {
         expect(lun.path, `${name} ${lun.name}: a block device or an image under /srv/nbd-mirror`).to.match(/^(\/dev\/|\/srv\/nbd-mirror\/.+\.img$)/);
         const img = path.join(dir, `${name}-${lun.name}.img`);
