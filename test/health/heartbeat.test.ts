@@ -1,6 +1,6 @@
-// UDP heartbeats: the datagram format, two endpoints exchanging beats, and everything the
-// receiver must ignore (garbage, wrong site, replays) or accept (a restarted peer).
-import dgram from 'node:dgram';
+// UDP heartbeats without a key: the datagram format, two endpoints exchanging beats, and
+// everything the receiver must ignore (garbage, wrong site, replays) or accept (a restarted
+// peer). Signed datagrams and their freshness rules: heartbeat-auth.test.ts.
 import { once } from 'node:events';
 import { expect } from 'chai';
 import winston from 'winston';
@@ -8,58 +8,12 @@ import {
   decodeHeartbeat, encodeHeartbeat, Heartbeat, HEARTBEAT_HEADER_SIZE, HEARTBEAT_MAGIC, HEARTBEAT_VERSION, parseHeartbeat,
   type HeartbeatDatagram, type HeartbeatOptions,
 } from '../../src/health/heartbeat.js';
+import { RawPeer } from './raw-peer.js';
 
 const HOST = '127.0.0.1';
 const silent = winston.createLogger({ silent: true });
 
-/** A plain UDP socket on a free port, standing in for the peer. */
-class RawPeer {
-  readonly socket = dgram.createSocket('udp4');
-  private readonly queue: Buffer[] = [];
-  private waiting: ((b: Buffer) => void) | null = null;
-
-  async bind(): Promise<this> {
-    this.socket.on('message', (msg) => {
-      if (this.waiting) {
-        const w = this.waiting;
-        this.waiting = null;
-        w(msg);
-      } else {
-        this.queue.push(msg);
-      }
-    });
-    await new Promise<void>((resolve) => this.socket.bind(0, HOST, () => resolve()));
-    return this;
-  }
-
-  get port(): number {
-    return this.socket.address().port;
-  }
-
-  /** The next datagram that arrives (or the oldest one not read yet). */
-  next(): Promise<Buffer> {
-    const b = this.queue.shift();
-    if (b) return Promise.resolve(b);
-    return new Promise((resolve) => { this.waiting = resolve; });
-  }
-
-  /** The next datagram that decodes as a heartbeat. */
-  async nextHeartbeat(): Promise<HeartbeatDatagram> {
-    const d = decodeHeartbeat(await this.next());
-    expect(d, 'the endpoint sends valid heartbeats').to.not.equal(null);
-    return d!;
-  }
-
-  send(buf: Buffer, port: number): Promise<void> {
-    return new Promise((resolve, reject) => this.socket.send(buf, port, HOST, (err) => (err ? reject(err) : resolve())));
-  }
-
-  close(): Promise<void> {
-    return new Promise((resolve) => this.socket.close(() => resolve()));
-  }
-}
-
-function datagram(over: Partial<HeartbeatDatagram> = {}): Buffer {
+function datagram(over: Partial<Omit<HeartbeatDatagram, 'auth'>> = {}): Buffer {
   return encodeHeartbeat({ counter: 1, sentAtMs: Date.now(), echoCounter: 0, echoHeldMs: 0, site: 'b', ...over });
 }
 
@@ -78,7 +32,7 @@ describe('health/heartbeat', () => {
       expect(buf.readUInt32BE(28) * 2 ** 32 + buf.readUInt32BE(32)).to.equal(77);
       expect(buf.readUInt32BE(36)).to.equal(0xfffffffe);
       expect(buf.readUInt16BE(40)).to.equal(Buffer.byteLength('site-ä'));
-      expect(decodeHeartbeat(buf)).to.deep.equal({ version: 1, flags: 0, ...d });
+      expect(decodeHeartbeat(buf)).to.deep.equal({ version: 1, flags: 0, ...d, auth: null });
     });
 
     it('rejects anything that does not parse exactly, with a reason', () => {
