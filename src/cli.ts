@@ -4,7 +4,10 @@ import { parseArgs } from 'node:util';
 import { ConfigError, loadConfig } from './config/load.js';
 import { createLogger } from './log.js';
 import { Site } from './site.js';
-import { formatStatus, fetchStatus } from './admin/client.js';
+import {
+  AdminUnreachableError, formatRoleChange, formatStatus, formatVerify, fetchStatus, postAction, verifyLeftDifferences,
+} from './admin/client.js';
+import type { VerifyReport } from './admin/actions.js';
 import { notify, startWatchdog } from './admin/systemd.js';
 import { describeSchema, formatSchema } from './config/describe.js';
 import { formatJournalReport, inspectJournal } from './journal/inspect.js';
@@ -17,6 +20,9 @@ const EXIT_FAIL = 1;
 const EXIT_USAGE = 2;
 const EXIT_UNREACHABLE = 3;
 
+const ACTION_EXITS = `Exit codes: 0 done, 1 refused by the site (409: not possible in the current state) or failed,
+2 usage error or the site answered 400/404 (bad or unknown LUN), 3 site not reachable.`;
+
 const HELP: Record<string, string> = {
   main: `nbd-mirror — NBD block storage mirrored between two sites
 
@@ -27,7 +33,15 @@ Usage:
   nbd-mirror config schema [--json]                  every configuration key: doc, default, env variable
   nbd-mirror journal inspect LUN --config FILE [--json]  a LUN's journal: records, bytes, oldest age
 
+Failover (ask the running site, through its admin endpoint):
+  nbd-mirror promote LUN --config FILE [--force]     make this site's copy the primary
+  nbd-mirror demote LUN --config FILE                make this site's copy a secondary
+  nbd-mirror resolve LUN --config FILE (--discard-local | --discard-remote)   end a split brain
+  nbd-mirror verify LUN --config FILE [--repair] [--json]   compare both copies (and resend what differs)
+
 Exit codes: 0 ok, 1 failure, 2 usage or configuration error, 3 site not reachable.
+Failover commands: 1 also when the site refuses (HTTP 409) or verify finds differences it did not
+repair; 2 also when the site answers 400/404 (bad or unknown LUN).
 Run 'nbd-mirror COMMAND --help' for a command's options.`,
   serve: `Usage: nbd-mirror serve --config FILE
 
@@ -47,6 +61,29 @@ schema: prints every key with its doc, default and environment variable.`,
 
 Reads the LUN's journal under dataDir (read-only, safe while the site runs) and prints its
 records, bytes and the age of the oldest record; --json adds every record's header.`,
+  promote: `Usage: nbd-mirror promote LUN --config FILE [--force] [--json]
+
+Asks the running site (admin.host:admin.port of FILE) to make its copy of LUN the primary, writable
+for hosts. Refused (exit 1) while the peer is reachable and primary for LUN; --force promotes anyway
+(both sites are then primary: a split brain, ended with 'nbd-mirror resolve').
+${ACTION_EXITS}`,
+  demote: `Usage: nbd-mirror demote LUN --config FILE [--json]
+
+Asks the running site to make its copy of LUN a secondary: hosts' connections to it are closed and
+it then takes the peer's data.
+${ACTION_EXITS}`,
+  resolve: `Usage: nbd-mirror resolve LUN --config FILE (--discard-local | --discard-remote) [--json]
+
+Ends a split brain of LUN: --discard-local drops this site's changes (it takes the peer's data),
+--discard-remote drops the peer's. Exactly one of the two.
+${ACTION_EXITS}`,
+  verify: `Usage: nbd-mirror verify LUN --config FILE [--repair] [--json]
+
+Compares both sites' copies of LUN by range hashes while hosts keep writing (this can take minutes;
+there is no time limit). --repair resends the differing ranges from the primary. --json prints the
+report (bytes, regionSize, differing ranges, repaired, durationMs).
+Exit codes: 0 identical (or every difference repaired), 1 differences left (without --repair) or
+refused by the site (409), 2 usage error or the site answered 400/404, 3 site not reachable.`,
 };
 
 async function main(argv: string[]): Promise<number> {
@@ -60,6 +97,11 @@ async function main(argv: string[]): Promise<number> {
     case 'status': return status(rest);
     case 'config': return config(rest);
     case 'journal': return journal(rest);
+    case 'promote':
+    case 'demote':
+    case 'resolve':
+    case 'verify':
+      return action(command, rest);
     default:
       console.error(`nbd-mirror: unknown command "${command}"\n\n${HELP.main}`);
       return EXIT_USAGE;
@@ -198,6 +240,70 @@ async function journal(args: string[]): Promise<number> {
   const report = await inspectJournal(`${cfg.dataDir}/${lunName}.journal`, lunName, lun.path);
   console.log(opts.values.json ? JSON.stringify(report, null, 2) : formatJournalReport(report));
   return report.corrupt ? EXIT_FAIL : EXIT_OK;
+}
+
+type Action = 'promote' | 'demote' | 'resolve' | 'verify';
+
+/** Actions other than verify answer within this; verify has no limit (it reads the whole LUN). */
+const ACTION_TIMEOUT_MS = 60_000;
+
+/** promote / demote / resolve / verify LUN --config FILE: POST /luns/LUN/ACTION to the site's admin endpoint. */
+async function action(name: Action, args: string[]): Promise<number> {
+  const help = HELP[name];
+  const spec: OptionSpec = { config: { type: 'string', short: 'c' }, json: { type: 'boolean' } };
+  if (name === 'promote') spec.force = { type: 'boolean' };
+  if (name === 'resolve') {
+    spec['discard-local'] = { type: 'boolean' };
+    spec['discard-remote'] = { type: 'boolean' };
+  }
+  if (name === 'verify') spec.repair = { type: 'boolean' };
+  const opts = options(args, spec, help);
+  if (!opts) return EXIT_OK;
+  const [lun, ...extra] = opts.positionals;
+  if (!lun) throw new UsageError(`${name} needs a LUN name\n\n${help}`);
+  if (extra.length) throw new UsageError(`${name}: unexpected argument "${extra[0]}"\n\n${help}`);
+  if (!opts.values.config) throw new UsageError(`${name} needs --config FILE\n\n${help}`);
+  const query: Record<string, string> = {};
+  let discard: 'local' | 'remote' | undefined;
+  if (name === 'promote' && opts.values.force) query.force = '1';
+  if (name === 'verify' && opts.values.repair) query.repair = '1';
+  if (name === 'resolve') {
+    const local = Boolean(opts.values['discard-local']);
+    const remote = Boolean(opts.values['discard-remote']);
+    if (local === remote) {
+      throw new UsageError(`resolve needs exactly one of --discard-local and --discard-remote\n\n${help}`);
+    }
+    discard = local ? 'local' : 'remote';
+    query.discard = discard;
+  }
+  const cfg = loadConfig(opts.values.config as string);
+  let answer;
+  try {
+    answer = await postAction(cfg.admin.host, cfg.admin.port, lun, name, query,
+      name === 'verify' ? 0 : ACTION_TIMEOUT_MS);
+  } catch (err) {
+    if (err instanceof AdminUnreachableError) {
+      console.error(`nbd-mirror: site "${cfg.site}" not reachable at ${cfg.admin.host}:${cfg.admin.port}: ${err.message}`);
+      return EXIT_UNREACHABLE;
+    }
+    // Connected but no usable answer: the action may have happened.
+    console.error(`nbd-mirror: ${name} ${lun}: ${(err as Error).message}; check 'nbd-mirror status --config ${opts.values.config}'`);
+    return EXIT_FAIL;
+  }
+  const { status: code, body } = answer;
+  if (code !== 200) {
+    const message = (body as { error?: unknown } | null)?.error;
+    console.error(`nbd-mirror: ${name} ${lun} refused by site "${cfg.site}" (HTTP ${code}): ${typeof message === 'string' ? message : JSON.stringify(body)}`);
+    // 400/404: a bad or unknown LUN (or a request this CLI should not have made): usage-like.
+    return code === 400 || code === 404 ? EXIT_USAGE : EXIT_FAIL;
+  }
+  if (name === 'verify') {
+    const repair = Boolean(opts.values.repair);
+    console.log(opts.values.json ? JSON.stringify(body, null, 2) : formatVerify(body, repair));
+    return verifyLeftDifferences(body as VerifyReport, repair) ? EXIT_FAIL : EXIT_OK;
+  }
+  console.log(opts.values.json ? JSON.stringify(body, null, 2) : formatRoleChange(name, body, { discard }));
+  return EXIT_OK;
 }
 
 main(process.argv.slice(2)).then(

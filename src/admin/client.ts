@@ -1,5 +1,7 @@
-// Client side of the admin endpoint, for `nbd-mirror status`.
+// Client side of the admin endpoint, for `nbd-mirror status` and the operator actions
+// (`nbd-mirror promote|demote|resolve|verify`).
 import http from 'node:http';
+import type { RoleChange, VerifyReport } from './actions.js';
 
 export function fetchStatus(host: string, port: number, timeoutMs = 5000): Promise<unknown> {
   return new Promise((resolve, reject) => {
@@ -41,4 +43,108 @@ function bytes(n: number): string {
   let u = 0;
   while (v >= 1024 && u < units.length - 1) { v /= 1024; u++; }
   return `${u === 0 ? v : v.toFixed(1)} ${units[u]}`;
+}
+
+/** The admin endpoint could not be reached (nothing listens, connect timed out...): no action was taken. */
+export class AdminUnreachableError extends Error {}
+
+/**
+ * The request reached the site but no (complete, readable) answer came back: the action may or
+ * may not have taken place.
+ */
+export class AdminAnswerError extends Error {}
+
+export interface ActionAnswer { status: number; body: unknown }
+
+/**
+ * POST /luns/LUN/ACTION?query to the admin endpoint; resolves with the HTTP status and the parsed
+ * JSON body, whatever the status. `timeoutMs` bounds the wait for the answer; 0 waits as long as
+ * it takes (verify). Rejects with AdminUnreachableError when no connection could be made, with
+ * AdminAnswerError when the connection was made but the answer timed out, broke off or is not JSON.
+ */
+export function postAction(host: string, port: number, lun: string, action: string,
+  query: Record<string, string> = {}, timeoutMs = 60_000): Promise<ActionAnswer> {
+  const qs = new URLSearchParams(query).toString();
+  const path = `/luns/${encodeURIComponent(lun)}/${encodeURIComponent(action)}${qs ? `?${qs}` : ''}`;
+  return new Promise((resolve, reject) => {
+    let connected = false;
+    let timer: NodeJS.Timeout | undefined;
+    const fail = (err: Error) => {
+      clearTimeout(timer);
+      reject(connected ? new AdminAnswerError(err.message) : new AdminUnreachableError(err.message));
+    };
+    // agent: false — a fresh connection without the global agent's keep-alive socket timeout,
+    // so a long verify is only bounded by `timeoutMs`.
+    const req = http.request({ host, port, path, method: 'POST', agent: false, headers: { 'content-length': 0 } }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('error', fail);
+      res.on('aborted', () => fail(new Error('the answer broke off')));
+      res.on('end', () => {
+        clearTimeout(timer);
+        const text = Buffer.concat(chunks).toString('utf8');
+        try {
+          resolve({ status: res.statusCode ?? 0, body: JSON.parse(text) });
+        } catch {
+          reject(new AdminAnswerError(`HTTP ${res.statusCode}: not a JSON answer: ${text.slice(0, 200)}`));
+        }
+      });
+    });
+    req.on('socket', (socket) => {
+      if (!socket.connecting) connected = true;
+      else socket.once('connect', () => { connected = true; });
+    });
+    if (timeoutMs > 0) {
+      timer = setTimeout(() => {
+        req.destroy(new Error(connected ? `no answer within ${timeoutMs / 1000} s` : `connect timed out after ${timeoutMs / 1000} s`));
+      }, timeoutMs);
+    }
+    req.on('error', fail);
+    req.end();
+  });
+}
+
+const EXPECTED_ROLE: Record<string, string> = { promote: 'primary', demote: 'secondary' };
+
+/** One line for a promote/demote/resolve answer, e.g. "lun0: promoted to primary (note; note)". */
+export function formatRoleChange(action: 'promote' | 'demote' | 'resolve', body: unknown,
+  opts: { discard?: 'local' | 'remote' } = {}): string {
+  const r = body as RoleChange;
+  let line: string;
+  if (action === 'resolve') {
+    line = `${r.lun}: split brain resolved, ${opts.discard ? `${opts.discard} changes discarded` : 'changes discarded'}; now ${r.role}`;
+  } else {
+    line = r.role === EXPECTED_ROLE[action]
+      ? `${r.lun}: ${action === 'promote' ? 'promoted' : 'demoted'} to ${r.role}`
+      : `${r.lun}: ${action} done; now ${r.role}`;
+  }
+  const notes = Array.isArray(r.notes) ? r.notes.filter((n) => typeof n === 'string' && n.length > 0) : [];
+  return notes.length ? `${line} (${notes.join('; ')})` : line;
+}
+
+/** True when the report leaves copies that (still) differ: differences found and not all repaired. */
+export function verifyLeftDifferences(report: VerifyReport, repair: boolean): boolean {
+  const n = report.differing.length;
+  return n > 0 && (!repair || report.repaired < n);
+}
+
+/**
+ * One line for a verify report: "lun0: 256.0 MiB compared, copies are identical", or
+ * "lun0: 256.0 MiB compared, 1 region differs (offset 1048576, 65536 bytes); repaired".
+ */
+export function formatVerify(body: unknown, repair: boolean): string {
+  const r = body as VerifyReport;
+  const head = `${r.lun}: ${bytes(r.bytes)} compared`;
+  const d = r.differing;
+  if (d.length === 0) return `${head}, copies are identical`;
+  const total = d.reduce((sum, x) => sum + x.length, 0);
+  const where = d.length <= 3
+    ? d.map((x) => `offset ${x.offset}, ${x.length} bytes`).join('; ')
+    : `${total} bytes in all, first at offset ${d[0].offset}; --json lists them`;
+  const diff = `${d.length} region${d.length === 1 ? ' differs' : 's differ'} (${where})`;
+  let outcome: string;
+  if (!repair) outcome = 'not repaired (run again with --repair to resend them from the primary)';
+  else if (r.repaired >= d.length) outcome = 'repaired';
+  else outcome = `only ${r.repaired} of ${d.length} repaired`;
+  return `${head}, ${diff}; ${outcome}`;
 }

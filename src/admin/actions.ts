@@ -1,0 +1,39 @@
+// What an operator can ask a running site to do (through the admin endpoint and the CLI).
+// The site implements it; the admin server only routes and reports.
+
+/** A refused action: `status` is the HTTP status the admin endpoint answers with. */
+export class ActionError extends Error {
+  constructor(message: string, readonly status: 400 | 404 | 409 = 409) {
+    super(message);
+  }
+}
+
+export interface VerifyReport {
+  lun: string;
+  /** Bytes compared, and the granularity differences are reported at. */
+  bytes: number;
+  regionSize: number;
+  /** Ranges whose contents differ between the two sites. */
+  differing: Array<{ offset: number; length: number }>;
+  /** With repair: ranges resent from the primary (equal to `differing`). */
+  repaired: number;
+  durationMs: number;
+}
+
+export interface RoleChange {
+  lun: string;
+  role: 'primary' | 'secondary';
+  /** What happened, for the operator (e.g. "rolled back an interrupted resync first"). */
+  notes: string[];
+}
+
+export interface SiteActions {
+  /** Make a secondary writable for hosts; refused while the peer is reachable and primary, unless force. */
+  promote(lun: string, opts: { force: boolean }): Promise<RoleChange>;
+  /** Make a primary a secondary (hosts' connections to it are closed; it then takes the peer's data). */
+  demote(lun: string): Promise<RoleChange>;
+  /** End a split brain: discard this site's changes (local) or the peer's (remote). */
+  resolve(lun: string, discard: 'local' | 'remote'): Promise<RoleChange>;
+  /** Compare both copies by range hashes while hosts keep writing; with repair, resend what differs. */
+  verify(lun: string, opts: { repair: boolean }): Promise<VerifyReport>;
+}
