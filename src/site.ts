@@ -11,6 +11,9 @@ import { LunRegistry } from './lun/registry.js';
 import { Heartbeat } from './health/heartbeat.js';
 import { BitmapError, RegionBitmap } from './journal/bitmap.js';
 import { Journal, type JournalRecovery } from './journal/journal.js';
+import { ActionError, type RoleChange, type SiteActions, type VerifyReport } from './admin/actions.js';
+import { UndoLog } from './journal/undo-log.js';
+import { LunMeta, NO_GENERATION } from './lun/lun-meta.js';
 import { MirrorReceiver } from './mirror/receiver.js';
 import { MirrorSender } from './mirror/sender.js';
 import { NbdServer } from './nbd/server.js';
@@ -19,7 +22,7 @@ import { prepareDataDir } from './security/files.js';
 import { MirrorTransport } from './security/mirror-tls.js';
 import { Backing } from './storage/backing.js';
 
-export class Site {
+export class Site implements SiteActions {
   readonly luns = new LunRegistry();
   private readonly nbd: NbdServer;
   private readonly admin: AdminServer;
@@ -38,7 +41,7 @@ export class Site {
   private constructor(public config: SiteConfig, private readonly log: Logger) {
     this.nbd = new NbdServer(this.luns, log, { mode: config.listen.tls, credentials: loadHostCredentials(config.listen) });
     this.metrics = new Metrics(() => this.status() as unknown as MetricsSnapshot);
-    this.admin = new AdminServer(() => this.status(), () => this.metrics.text());
+    this.admin = new AdminServer(() => this.status(), () => this.metrics.text(), this);
     if (config.mirror) {
       const m = config.mirror;
       this.mirrorCredentials = loadMirrorCredentials(m);
@@ -53,6 +56,7 @@ export class Site {
       this.receiver = new MirrorReceiver(this.luns, {
         site: config.site, peerSite: m.peer.site, idleCheckMs: m.heartbeat.intervalMs,
         peerAlive: () => monitor.silentForMs() <= m.heartbeat.timeoutMs, transport: this.transport,
+        demoteForPeer: async (lun) => { await this.demote(lun); },
       }, log);
     }
   }
@@ -87,13 +91,31 @@ export class Site {
   }
 
   private async openLun(lc: LunConfig): Promise<void> {
-    const readOnly = lc.readOnly || lc.role === 'secondary';
-    const backing = await Backing.open(lc.path, readOnly && lc.role !== 'secondary');
+    const backing = await Backing.open(lc.path, lc.readOnly && lc.role !== 'secondary');
     backing.fastPath = this.config.io.fastPath;
-    const lun = new Lun({ ...lc }, backing);
+    let meta: LunMeta | null = null;
+    let role = lc.role;
+    try {
+      if (this.config.mirror) {
+        meta = await LunMeta.open(`${this.config.dataDir}/${lc.name}.meta`, lc.name, backing.size, lc.role);
+        if (meta.data.role && meta.data.role !== lc.role) {
+          this.log.warn('LUN role from its last promote/demote differs from the configuration; the promote/demote stands', {
+            lun: lc.name, role: meta.data.role, configured: lc.role,
+          });
+          role = meta.data.role;
+        }
+      }
+    } catch (err) {
+      await backing.close().catch(() => undefined);
+      throw err;
+    }
+    const mirror = role === 'secondary' ? 'none' : lc.role === 'primary' ? lc.mirror : 'sync';
+    const lun = new Lun({ ...lc, role, mirror }, backing);
+    lun.meta = meta;
     // Exported only once everything it needs is open: a LUN that cannot mirror is not served at all.
     try {
-      if (lc.role === 'primary' && lc.mirror !== 'none' && this.sender) await this.attachMirror(lun);
+      if (role === 'primary' && mirror !== 'none' && this.sender) await this.attachMirror(lun);
+      if (role === 'secondary' && meta) await this.openUndo(lun);
     } catch (err) {
       await backing.close().catch(() => undefined);
       throw err;
@@ -101,9 +123,138 @@ export class Site {
     this.luns.add(lun);
     this.metrics.instrument(lun);
     this.log.info('LUN opened', {
-      lun: lc.name, path: lc.path, size: backing.size, role: lc.role, mirror: lc.mirror,
-      blockDevice: backing.isBlockDevice, readOnly,
+      lun: lc.name, path: lc.path, size: backing.size, role, mirror,
+      blockDevice: backing.isBlockDevice, readOnly: lun.readOnly, generation: meta?.current,
     });
+    if (meta && role === 'secondary' && !meta.data.consistent) {
+      this.log.warn('secondary is inconsistent (a resync was interrupted): the primary completes it on reconnect, or promote rolls it back', {
+        lun: lc.name, undoRegions: lun.undo?.saved,
+      });
+    }
+  }
+
+  private async openUndo(lun: Lun): Promise<void> {
+    lun.undo ??= await UndoLog.open(`${this.config.dataDir}/${lun.name}.undo`, lun.name, lun.size);
+  }
+
+  // ---- operator actions (admin endpoint, CLI) ------------------------------------------------
+
+  private actionTarget(name: string): { lun: Lun; meta: LunMeta } {
+    const lun = this.luns.get(name);
+    if (!lun) throw new ActionError(`no LUN "${name}" on site ${this.config.site}`, 404);
+    if (!lun.meta || !this.receiver || !this.sender) throw new ActionError(`site ${this.config.site} has no mirror section: LUN roles are fixed`, 409);
+    return { lun, meta: lun.meta };
+  }
+
+  async promote(name: string, opts: { force: boolean }): Promise<RoleChange> {
+    const { lun, meta } = this.actionTarget(name);
+    if (lun.spec.role === 'primary') throw new ActionError(`LUN ${name} is already primary here`);
+    const feeder = this.receiver!.stateOf(name).feeder;
+    if (feeder && !opts.force) {
+      throw new ActionError(`site ${feeder} is connected and primary for ${name}: demote it there first (or --force if it must be cut off)`);
+    }
+    const notes: string[] = [];
+    if (feeder) {
+      this.receiver!.requestReoffer(`LUN ${name} promoted`, name);
+      notes.push(`the connected primary (site ${feeder}) no longer feeds this LUN`);
+    }
+    if (!meta.data.consistent) {
+      const regions = lun.undo ? await lun.undo.rollback(lun.backing) : 0;
+      await meta.update({ consistent: true });
+      notes.push(`rolled back an interrupted resync (${regions} regions) to the last consistent state`);
+      this.log.warn('promote: rolled back an interrupted resync', { lun: name, regions });
+    }
+    await lun.undo?.discard();
+    const base = meta.current;
+    await meta.rotate();
+    await meta.update({ role: 'primary', peerBase: base === NO_GENERATION ? '' : base, syncCompare: false, localChanges: false, discardPeer: false });
+    const configured = this.config.luns.find((l) => l.name === name);
+    lun.spec.role = 'primary';
+    lun.spec.mirror = configured?.role === 'primary' && configured.mirror !== 'none' ? configured.mirror : 'sync';
+    await this.attachMirror(lun, true);
+    this.nbd.dropLun(name);   // hosts attached read-only reattach read-write
+    this.sender!.resession(`LUN ${name} promoted`);
+    this.log.warn('LUN promoted to primary', { lun: name, generation: meta.current, mirror: lun.spec.mirror, forced: opts.force });
+    return { lun: name, role: 'primary', notes };
+  }
+
+  async demote(name: string): Promise<RoleChange> {
+    const { lun, meta } = this.actionTarget(name);
+    if (lun.spec.role === 'secondary') throw new ActionError(`LUN ${name} is already secondary here`);
+    const notes: string[] = [];
+    this.nbd.dropLun(name);
+    let unsent = false;
+    if (lun.mirror) {
+      const m = lun.mirror;
+      await m.drain(this.config.shutdownTimeoutMs);
+      unsent = m.state !== 'uptodate' || m.journalStatus().records > 0;
+      this.sender!.detach(lun);
+      const i = this.stores.findIndex((st) => st === m.storeRef);
+      if (i >= 0) {
+        const [st] = this.stores.splice(i, 1);
+        await st.bitmap.close().catch(() => undefined);
+        await st.journal.close().catch(() => undefined);
+      }
+      // Changes relative to a line of history this site no longer leads.
+      for (const ext of ['journal', 'bitmap']) fs.rmSync(`${this.config.dataDir}/${name}.${ext}`, { force: true });
+      lun.mirror = null;
+    }
+    if (unsent) notes.push('this site had writes the peer may lack: they are overwritten by a full compare with the new primary');
+    await meta.update({ role: 'secondary', localChanges: unsent || meta.data.localChanges, consistent: true, syncCompare: false, discardPeer: false });
+    lun.spec.role = 'secondary';
+    lun.spec.mirror = 'none';
+    await this.openUndo(lun);
+    this.sender!.resession(`LUN ${name} demoted`);
+    this.receiver!.requestReoffer(`LUN ${name} demoted`);
+    this.log.warn('LUN demoted to secondary', { lun: name, unsentChanges: unsent });
+    return { lun: name, role: 'secondary', notes };
+  }
+
+  async resolve(name: string, discard: 'local' | 'remote'): Promise<RoleChange> {
+    const { lun, meta } = this.actionTarget(name);
+    if (!meta.data.splitBrain && lun.mirror?.state !== 'split-brain') throw new ActionError(`no split brain recorded for LUN ${name} here`);
+    const notes: string[] = [];
+    if (discard === 'local') {
+      if (lun.spec.role === 'primary') notes.push(...(await this.demote(name)).notes);
+      // A copy with no generation: the peer's next offer is taken whole (compared region by region).
+      await meta.update({ splitBrain: null, current: NO_GENERATION, history: [], localChanges: false, consistent: true });
+      this.receiver!.requestReoffer(`split brain of ${name} resolved: this copy is discarded`);
+      notes.push('this site\'s changes are discarded: the peer\'s copy overwrites this one');
+    } else {
+      if (lun.spec.role !== 'primary') throw new ActionError(`LUN ${name} is secondary here: promote it first to keep this site's copy`);
+      await meta.update({ splitBrain: null, discardPeer: true });
+      this.sender!.resession(`split brain of ${name} resolved: the peer's copy is discarded`);
+      notes.push('the peer\'s changes are discarded: this copy overwrites it (its LUN is demoted there if it is primary)');
+    }
+    this.log.warn('split brain resolved', { lun: name, discard });
+    return { lun: name, role: lun.spec.role, notes };
+  }
+
+  async verify(name: string, opts: { repair: boolean }): Promise<VerifyReport> {
+    const { lun } = this.actionTarget(name);
+    if (!lun.mirror) throw new ActionError(`LUN ${name} is not a mirrored primary here: run verify on the primary site`);
+    const started = Date.now();
+    this.log.info('verify started', { lun: name, repair: opts.repair });
+    let regions: number[];
+    try {
+      regions = await lun.mirror.verify(opts.repair);
+    } catch (err) {
+      throw new ActionError(`verify of ${name}: ${(err as Error).message}`);
+    }
+    const rs = lun.mirror.storeRef.bitmap.regionSize;
+    const differing: VerifyReport['differing'] = [];
+    for (const r of regions) {
+      const last = differing[differing.length - 1];
+      const offset = r * rs;
+      const length = Math.min(rs, lun.size - offset);
+      if (last && last.offset + last.length === offset) last.length += length;
+      else differing.push({ offset, length });
+    }
+    const report = {
+      lun: name, bytes: lun.size, regionSize: rs, differing, repaired: opts.repair ? regions.length : 0, durationMs: Date.now() - started,
+    };
+    this.log.log(differing.length ? 'warn' : 'info', 'verify finished', { ...report, differing: differing.slice(0, 20) });
+    return report;
   }
 
   /**
@@ -205,9 +356,11 @@ export class Site {
   }
 
   /** Open (and recover) a mirrored LUN's journal and bitmap under dataDir. */
-  private async attachMirror(lun: Lun): Promise<void> {
+  private async attachMirror(lun: Lun, fresh = false): Promise<void> {
     const m = this.config.mirror!;
     const base = `${this.config.dataDir}/${lun.name}`;
+    // A promoted LUN starts a new line of history: what an earlier primary life left is void.
+    if (fresh) for (const ext of ['journal', 'bitmap']) fs.rmSync(`${base}.${ext}`, { force: true });
     const { journal, recovery } = await Journal.open(`${base}.journal`, lun.name, lun.size);
     let bitmap: RegionBitmap;
     try {
@@ -254,15 +407,23 @@ export class Site {
       name: lun.name, path: lun.backing.path, size: lun.size, role: lun.spec.role, mode: lun.spec.mirror,
       readOnly: lun.readOnly, hosts: this.nbd.connectionCount(lun.name), counters: lun.counters,
     };
+    const meta = lun.meta?.data;
+    const generation = meta && {
+      current: meta.current, history: meta.history.slice(0, 4), consistent: meta.consistent, localChanges: meta.localChanges,
+      splitBrain: meta.splitBrain, peerBase: meta.peerBase || null,
+    };
     if (lun.spec.role === 'secondary') {
       const s = this.receiver!.stateOf(lun.name);
+      const state = meta?.splitBrain ? 'split-brain'
+        : meta && !meta.consistent ? (s.feeder ? 'secondary-syncing' : 'secondary-inconsistent')
+        : s.feeder ? 'secondary-uptodate' : 'secondary-waiting';
       return {
-        ...base, mode: 'secondary', state: s.feeder ? 'secondary-uptodate' : 'secondary-waiting',
-        peer: s.feeder, appliedSeq: s.order.appliedPrefix, applied: s.applied,
+        ...base, mode: 'secondary', state, peer: s.feeder, appliedSeq: s.order.appliedPrefix, applied: s.applied,
+        generation, pairing: s.pairing, undoRegions: lun.undo?.saved ?? 0,
       };
     }
     const m = lun.mirror;
-    if (!m) return { ...base, state: 'standalone' };
+    if (!m) return { ...base, state: 'standalone', generation };
     const journal = m.journalStatus();
     // While the link waits out its probation, a LUN with changes to send shows it.
     const state = m.state === 'journaling' && this.sender!.monitor.state === 'probation' ? 'probation' : m.state;
@@ -270,7 +431,7 @@ export class Site {
       ...base, state, reason: m.reason, writePath: m.path,
       mirrored: m.stats, inflight: m.inflight, lagBytes: m.inflightBytes,
       journal, dirtyRegions: m.dirtyRegions, resyncPending: m.resyncNeeded.size,
-      progress: m.progress,
+      progress: m.progress, sync: m.sync, verify: m.verifying, generation,
       recovery: this.recoveries.get(lun.name) ?? null,
     };
   }

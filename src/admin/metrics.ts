@@ -9,8 +9,8 @@ const OPS: Record<number, string> = {
   [CMD.CACHE]: 'cache', [CMD.WRITE_ZEROES]: 'write_zeroes', [CMD.BLOCK_STATUS]: 'block_status',
 };
 export const LUN_STATES = [
-  'standalone', 'connecting', 'uptodate', 'journaling', 'probation', 'replaying', 'resyncing', 'unpaired',
-  'secondary-uptodate', 'secondary-waiting',
+  'standalone', 'connecting', 'uptodate', 'journaling', 'probation', 'replaying', 'syncing', 'resyncing', 'unpaired', 'split-brain',
+  'secondary-uptodate', 'secondary-waiting', 'secondary-syncing', 'secondary-inconsistent',
 ] as const;
 
 /** The slice of the status snapshot the metrics read (see Site.status()). */
@@ -19,9 +19,10 @@ export interface MetricsSnapshot {
     name: string; state: string; role: string;
     counters: { readOps: number; readBytes: number; writeOps: number; writeBytes: number; errors: number };
     inflight?: number; lagBytes?: number; dirtyRegions?: number;
-    mirrored?: { ops: number; bytes: number; failures: number };
+    mirrored?: { ops: number; bytes: number; failures: number; resyncedBytes?: number };
     journal?: { records: number; bytes: number; oldestAgeMs: number | null };
-    progress?: { replayTotal: number; replayDone: number; resyncTotal: number; resyncDone: number; startedMs: number };
+    progress?: { replayTotal: number; replayDone: number; resyncTotal: number; resyncDone: number; syncTotal?: number; syncDone?: number; startedMs: number };
+    sync?: { equalBytes: number };
     applied?: { ops: number; bytes: number };
   }>;
   mirror?: {
@@ -92,6 +93,10 @@ export class Metrics {
       (l) => (l.progress && l.progress.replayTotal ? l.progress.replayDone / l.progress.replayTotal : undefined));
     perLun('nbd_mirror_resync_progress_ratio', 'Bitmap resync progress (0..1).',
       (l) => (l.progress && l.progress.resyncTotal ? l.progress.resyncDone / l.progress.resyncTotal : undefined));
+    perLun('nbd_mirror_sync_progress_ratio', 'Initial sync / full compare progress (0..1).',
+      (l) => (l.progress && l.progress.syncTotal ? (l.progress.syncDone ?? 0) / l.progress.syncTotal : undefined));
+    perLun('nbd_mirror_sync_equal_bytes_total', 'Bytes an initial sync found equal on the peer (not sent).', (l) => l.sync?.equalBytes, true);
+    perLun('nbd_mirror_resynced_bytes_total', 'Bytes resent from local data (resync, initial sync, repair).', (l) => l.mirrored?.resyncedBytes, true);
     perLun('nbd_mirror_catchup_eta_seconds', 'Estimated time to finish the replay or resync under way.', (l) => catchupEta(l));
     perLun('nbd_mirror_secondary_applied_ops_total', 'Mirror requests applied to this secondary.', (l) => l.applied?.ops, true);
     perLun('nbd_mirror_secondary_applied_bytes_total', 'Bytes applied to this secondary.', (l) => l.applied?.bytes, true);
@@ -174,7 +179,8 @@ export class Metrics {
 function catchupEta(l: MetricsSnapshot['luns'][number]): number | undefined {
   const p = l.progress;
   if (!p || !p.startedMs) return undefined;
-  const [done, total] = l.state === 'replaying' ? [p.replayDone, p.replayTotal] : l.state === 'resyncing' ? [p.resyncDone, p.resyncTotal] : [0, 0];
+  const [done, total] = l.state === 'replaying' ? [p.replayDone, p.replayTotal] : l.state === 'resyncing' ? [p.resyncDone, p.resyncTotal]
+    : l.state === 'syncing' ? [p.syncDone ?? 0, p.syncTotal ?? 0] : [0, 0];
   if (!total || done === 0) return undefined;
   const elapsed = (Date.now() - p.startedMs) / 1000;
   return (elapsed / done) * (total - done);

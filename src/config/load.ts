@@ -67,6 +67,7 @@ function checkMirror(m: NonNullable<SiteConfig['mirror']>, origin: string): void
     throw new ConfigError(`${origin}: mirror.journal.regionSize: must be a power of two from 4096 to 67108864 (got ${rs})`);
   }
   if (m.journal.maxBytes < 1024 * 1024) throw new ConfigError(`${origin}: mirror.journal.maxBytes: must be at least 1 MiB`);
+  if (m.syncRateBytes < 1024 * 1024) throw new ConfigError(`${origin}: mirror.syncRateBytes: must be at least 1 MiB per second (got ${m.syncRateBytes})`);
   if (m.asyncWindowBytes < 1024 * 1024) throw new ConfigError(`${origin}: mirror.asyncWindowBytes: must be at least 1 MiB`);
 }
 

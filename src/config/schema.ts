@@ -176,6 +176,10 @@ export const schema = {
       doc: 'async mode: bytes of mirror requests in flight per LUN before new host writes wait (back-pressure).',
       format: 'nat', default: 64 * 1024 * 1024, env: 'NBD_MIRROR_ASYNC_WINDOW_BYTES',
     },
+    syncRateBytes: {
+      doc: 'Bytes per second the background work of a site may read and send (initial sync, resync, verify), over all LUNs; at least 1 MiB.',
+      format: 'nat', default: 200 * 1024 * 1024, env: 'NBD_MIRROR_SYNC_RATE_BYTES',
+    },
     journal: {
       maxBytes: {
         doc: 'Per-LUN journal limit. Beyond it the journal collapses into the dirty-region bitmap (resync after reconnect).',
@@ -226,6 +230,7 @@ export interface MirrorConfig {
   connectTimeoutMs: number;
   reconnectMs: number;
   asyncWindowBytes: number;
+  syncRateBytes: number;
   journal: { maxBytes: number; regionSize: number };
   heartbeat: { intervalMs: number; timeoutMs: number; probationMs: number };
 }

@@ -14,16 +14,22 @@
 // Durability (docs/journal-format.md): the region bitmap is written before any mirrored change
 // lands locally, and cleared once the peer has everything for the region; so a crash of this
 // process at any moment leaves every possibly-unmirrored region marked.
+import crypto from 'node:crypto';
 import type { Logger } from '../log.js';
 import type { RegionBitmap } from '../journal/bitmap.js';
 import { JOURNAL_KIND, type Journal, type JournalEntry } from '../journal/journal.js';
 import { ENOTCONN, type MirrorOp } from '../mirror/peer-connection.js';
 import type { MirrorPool } from '../mirror/pool.js';
-import { ESTALE, MIRROR_FLAG, MIRROR_OP, PAIR, PAIR_REASON, type LunAnswer, type LunOffer } from '../mirror/wire.js';
+import {
+  encodeGeneration, ESTALE, MIRROR_FLAG, MIRROR_OP, OFFER_FLAG, PAIR, PAIR_REASON, SYNC, type LunAnswer, type LunOffer,
+} from '../mirror/wire.js';
 import type { Backing } from '../storage/backing.js';
+import { hashRange } from '../storage/hash.js';
+import type { LunMeta } from './lun-meta.js';
 import { OverlapGate } from './overlap-gate.js';
+import type { RateLimiter } from './rate-limit.js';
 
-export type MirrorState = 'connecting' | 'uptodate' | 'journaling' | 'replaying' | 'resyncing' | 'unpaired';
+export type MirrorState = 'connecting' | 'uptodate' | 'journaling' | 'replaying' | 'syncing' | 'resyncing' | 'unpaired' | 'split-brain';
 /** Where new writes go: to the peer, into the journal, or only into the bitmap (journal overflowed). */
 export type WritePath = 'live' | 'journal' | 'bitmap';
 
@@ -37,10 +43,15 @@ const REPLAY_WINDOW_BYTES = 64 * 1024 * 1024;
 const REPLAY_BATCH_BYTES = 8 * 1024 * 1024;
 const CLEAR_DELAY_MS = 2000;
 const RESYNC_WINDOW_BYTES = 32 * 1024 * 1024;
+/** Region comparisons (HASH requests) in flight during an initial sync. */
+const COMPARE_PARALLEL = 16;
 
 class PendingOp implements MirrorOp {
   reqId = 0;
   journaled: Promise<void> | null = null;
+  /** HASH: the peer's digest. */
+  reply: Buffer | null = null;
+  errno = 0;
   private resolveSettled!: () => void;
   /** Resolves when the peer has it, or it is safely in the journal/bitmap instead. */
   readonly settled = new Promise<void>((r) => { this.resolveSettled = r; });
@@ -49,12 +60,14 @@ class PendingOp implements MirrorOp {
     readonly type: number, readonly flags: number, readonly lunId: number,
     readonly seq: number, readonly dep: number, readonly offset: number, readonly length: number,
     readonly payload: Buffer | null,
-    /** 'live' (new write), 'replay' (from the journal), 'resync' (region copy), 'flush'. */
-    readonly origin: 'live' | 'replay' | 'resync' | 'flush',
+    /** 'live' (new write), 'replay' (from the journal), 'resync' (region copy), 'flush', 'control' (HASH, SET_GEN). */
+    readonly origin: 'live' | 'replay' | 'resync' | 'flush' | 'control',
     readonly region = -1,
   ) {}
 
-  done(errno: number): void {
+  done(errno: number, data?: Buffer): void {
+    this.errno = errno;
+    this.reply = data ?? null;
     this.owner.completed(this, errno);
   }
 
@@ -67,8 +80,19 @@ export class LunMirror {
   state: MirrorState = 'connecting';
   reason = 'waiting for the peer';
   path: WritePath = 'journal';
-  readonly stats = { ops: 0, bytes: 0, failures: 0, replayed: 0, replayedBytes: 0, resynced: 0 };
-  readonly progress = { replayTotal: 0, replayDone: 0, resyncTotal: 0, resyncDone: 0, startedMs: 0 };
+  readonly stats = { ops: 0, bytes: 0, failures: 0, replayed: 0, replayedBytes: 0, resynced: 0, resyncedBytes: 0 };
+  readonly progress = { replayTotal: 0, replayDone: 0, resyncTotal: 0, resyncDone: 0, syncTotal: 0, syncDone: 0, startedMs: 0 };
+  /** Initial sync / full compare: regions compared, found equal (not sent), and their bytes. */
+  readonly sync = { compared: 0, equal: 0, equalBytes: 0 };
+  /** Regions to compare with the peer's copy (by hash) before deciding to send them. */
+  readonly compareNeeded = new Set<number>();
+  /** Regions being compared, and those of them a write touched meanwhile (their verdict is void). */
+  private readonly watching = new Set<number>();
+  private readonly touched = new Set<number>();
+  /** The peer's generation from its last answer. */
+  private peerCurrent = '';
+  private offlineRotated = false;
+  private rotation: Promise<void> | null = null;
   readonly gate = new OverlapGate();
   /** Identifies this run of the primary to the secondary. */
   readonly instance = Buffer.from(Array.from({ length: 8 }, () => Math.floor(Math.random() * 256)));
@@ -103,6 +127,8 @@ export class LunMirror {
     private readonly store: MirrorStore,
     private readonly windowBytes: number,
     private readonly log: Logger,
+    readonly meta: LunMeta,
+    private readonly rate: RateLimiter,
   ) {}
 
   /** After recovery: continue numbering after the journal and resync every marked region. */
@@ -111,7 +137,8 @@ export class LunMirror {
     this.nextSeq = journal.maxSeq + 1;
     this.ackedPrefix = journal.records ? journal.minSeq - 1 : journal.maxSeq;
     this.doneHigh = journal.maxSeq;
-    for (const r of bitmap.setRegions()) this.resyncNeeded.add(r);
+    // An initial sync under way when we stopped: its regions are still to be compared, not sent blindly.
+    for (const r of bitmap.setRegions()) (this.meta.data.syncCompare ? this.compareNeeded : this.resyncNeeded).add(r);
     if (journal.records || this.resyncNeeded.size) {
       this.transition('journaling', `recovered ${journal.records} journal records and ${this.resyncNeeded.size} dirty regions`);
     }
@@ -139,7 +166,11 @@ export class LunMirror {
   offer(id: number, size: number): LunOffer {
     this.lunId = id;
     const j = this.store.journal;
-    return { id, name: this.lun, size, instance: this.instance, nextSeq: j.records ? j.minSeq : this.nextSeq };
+    const d = this.meta.data;
+    return {
+      id, name: this.lun, size, instance: this.instance, nextSeq: j.records ? j.minSeq : this.nextSeq,
+      lineage: { current: d.current, history: d.history, peerBase: d.peerBase }, flags: d.discardPeer ? OFFER_FLAG.FORCE : 0,
+    };
   }
 
   // ---- link events ---------------------------------------------------------------------------
@@ -150,11 +181,27 @@ export class LunMirror {
       const why = answer ? PAIR_REASON[answer.status] ?? `refused (${answer.status})` : 'the peer did not answer for this LUN';
       this.linkUp = false;
       if (this.path !== 'bitmap') void this.overflow('not paired');
+      if (answer?.status === PAIR.SPLIT_BRAIN) {
+        if (!this.meta.data.splitBrain) {
+          this.log.error('split brain: both sites wrote this LUN as primary while apart; it stays disconnected until resolved', {
+            lun: this.lun, current: this.meta.current, peerCurrent: answer.current,
+          });
+          this.meta.update({ splitBrain: { detectedMs: Date.now(), peerCurrent: answer.current } }).catch((err: Error) => this.metaFailed(err));
+        }
+        this.transition('split-brain', why);
+        return;
+      }
       this.transition('unpaired', why);
       return;
     }
+    this.peerCurrent = answer.current;
     this.linkUp = true;
-    this.kick();
+    if (this.meta.data.splitBrain) {
+      this.log.warn('split brain resolved: the peer accepted this LUN again', { lun: this.lun });
+      this.meta.update({ splitBrain: null }).catch((err: Error) => this.metaFailed(err));
+    }
+    if (answer.sync === SYNC.FULL) this.startFullSync().then(() => this.kick(), (err: Error) => this.metaFailed(err));
+    else this.kick();
   }
 
   /** Start the catch-up worker, or have the running one start over when it ends. */
@@ -178,11 +225,49 @@ export class LunMirror {
     this.enterOutage(`link down: ${reason}`);
   }
 
+  private metaFailed(err: Error): void {
+    this.log.error('saving LUN metadata failed; pairing stops until it can be saved', { lun: this.lun, error: err.message });
+    this.pool.disconnect(`LUN ${this.lun}: metadata not saved`);
+  }
+
+  /** Every region is to be compared with the peer's copy (persisted, so a restart resumes it). */
+  private async startFullSync(): Promise<void> {
+    if (!this.meta.data.syncCompare) {
+      this.log.info('full sync: every region is compared with the peer\'s copy and sent only where it differs', { lun: this.lun });
+      const marked = this.store.bitmap.mark(0, this.backing.size);
+      if (marked) await marked;
+      await this.store.bitmap.sync();
+      await this.meta.update({ syncCompare: true });
+    }
+    for (const r of this.store.bitmap.setRegions()) if (!this.resyncNeeded.has(r)) this.compareNeeded.add(r);
+  }
+
+  /**
+   * The first change the peer does not have since it was last reachable starts a new generation:
+   * if the peer is promoted meanwhile, the two histories then differ and the next pairing
+   * reports a split brain instead of one side's writes silently winning.
+   */
+  private offline(): Promise<void> | void {
+    if (this.path === 'live' || this.offlineRotated) return;
+    this.rotation ??= this.meta.rotate().then(() => {
+      this.offlineRotated = true;
+      this.log.info('new generation: this LUN takes writes its peer does not have', { lun: this.lun, generation: this.meta.current });
+    }).finally(() => { this.rotation = null; });
+    return this.rotation;
+  }
+
+  private noteTouched(pos: number, len: number): void {
+    const [first, last] = this.store.bitmap.regionsOf(pos, len);
+    for (let r = first; r <= last; r++) if (this.watching.has(r)) this.touched.add(r);
+  }
+
   // ---- the host's write path ----------------------------------------------------------------
 
   async write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
     if (this.path === 'live') await this.admit(buf.length);
+    else await this.offline();
     const token = await this.gate.enter(pos, buf.length);
+    if (this.watching.size) this.noteTouched(pos, buf.length);
     let seq = 0;
     let settled: Promise<void> | null = null;
     try {
@@ -208,7 +293,9 @@ export class LunMirror {
 
   /** Zero or punch a range. Local first (FAST_ZERO may fail): only what happened is mirrored. */
   async zero(pos: number, len: number, mayPunch: boolean, fastOnly: boolean, fua: boolean): Promise<void> {
+    await this.offline();
     const token = await this.gate.enter(pos, len);
+    if (this.watching.size) this.noteTouched(pos, len);
     let settled: Promise<void> | null = null;
     let seq = 0;
     try {
@@ -280,7 +367,7 @@ export class LunMirror {
   // ---- answers ------------------------------------------------------------------------------
 
   completed(op: PendingOp, errno: number): void {
-    if (op.origin === 'flush') return op.settle();
+    if (op.origin === 'flush' || op.origin === 'control') return op.settle();
     if (errno !== 0) {
       this.stats.failures++;
       // ESTALE: the peer removed the LUN and asked us to offer again: journal it, nothing failed.
@@ -302,6 +389,7 @@ export class LunMirror {
         this.progress.replayDone++;
       } else if (op.origin === 'resync') {
         this.stats.resynced++;
+        this.stats.resyncedBytes += op.length;
         this.progress.resyncDone++;
         this.resyncNeeded.delete(op.region);
       }
@@ -346,7 +434,8 @@ export class LunMirror {
   }
 
   private clearable(r: number): boolean {
-    return !this.pending.has(r) && !this.resyncNeeded.has(r) && this.store.journal.records === 0 && this.appendsInFlight === 0;
+    return !this.pending.has(r) && !this.resyncNeeded.has(r) && !this.compareNeeded.has(r) && this.store.journal.records === 0
+      && this.appendsInFlight === 0;
   }
 
   private needResync(offset: number, length: number): void {
@@ -367,8 +456,11 @@ export class LunMirror {
     this.transition('journaling', reason);
     const ops = [...this.tracked.values()].sort((a, b) => a.seq - b.seq);
     this.tracked.clear();
+    // Writes the peer never answered are changes it may lack: a new generation, as for new ones.
+    const rotated = ops.length ? this.offline() : undefined;
     for (const op of ops) {
-      op.journaled = this.append(op.type, op.flags, op.seq, op.dep, op.offset, op.length, op.payload);
+      const appended = this.append(op.type, op.flags, op.seq, op.dep, op.offset, op.length, op.payload);
+      op.journaled = rotated ? Promise.all([appended, rotated]).then(() => undefined) : appended;
     }
     this.answered.clear();
     // Flushes waiting for answers that will not come now: they fall back to the journal.
@@ -440,9 +532,11 @@ export class LunMirror {
     try {
       if (this.path === 'journal') await this.replay();
       if (!this.linkUp) return;
-      if (this.path === 'bitmap' || this.resyncNeeded.size > 0) await this.resync();
+      if (this.path === 'bitmap' || this.resyncNeeded.size > 0 || this.compareNeeded.size > 0) await this.resync();
       if (!this.linkUp) return;
-      if (this.path === 'live' && this.resyncNeeded.size === 0) this.transition('uptodate', 'the peer has every change');
+      if (this.path === 'live' && this.resyncNeeded.size === 0 && this.compareNeeded.size === 0 && (await this.settleGeneration())) {
+        this.transition('uptodate', 'the peer has every change');
+      }
     } catch (err) {
       this.log.error('catching up with the peer failed', { lun: this.lun, error: (err as Error).message });
     }
@@ -496,6 +590,7 @@ export class LunMirror {
     }
     // Caught up (nothing left, no append in flight): from here new writes go to the peer directly.
     this.path = 'live';
+    this.offlineRotated = false;
     if (this.progress.replayTotal > 0) {
       this.log.info('journal replayed; mirroring live again', { lun: this.lun, records: this.progress.replayTotal });
     }
@@ -511,7 +606,10 @@ export class LunMirror {
     if (this.path === 'bitmap') {
       await this.store.journal.reset();
       this.path = 'live';
+      this.offlineRotated = false;
     }
+    if (this.compareNeeded.size > 0) await this.compare();
+    if (!this.linkUp || this.path !== 'live') return;
     const regions = [...this.resyncNeeded].sort((a, b) => a - b);
     this.transition('resyncing', `${regions.length} regions to copy from local data (the secondary is inconsistent until done)`);
     this.progress.resyncTotal = regions.length;
@@ -530,6 +628,7 @@ export class LunMirror {
       }
       const start = r * size;
       const len = Math.min(size, this.backing.size - start);
+      await this.rate.take(len);
       const token = await this.gate.enter(start, len);
       try {
         if (!this.linkUp || this.path !== 'live') return;
@@ -541,8 +640,8 @@ export class LunMirror {
         }
         if (!this.linkUp || this.path !== 'live') return;
         const seq = this.nextSeq++;
-        const op = new PendingOp(this, hole ? MIRROR_OP.WRITE_ZEROES : MIRROR_OP.WRITE, hole ? MIRROR_FLAG.MAY_PUNCH : 0,
-          this.lunId, seq, this.doneHigh, start, len, data, 'resync', r);
+        const op = new PendingOp(this, hole ? MIRROR_OP.WRITE_ZEROES : MIRROR_OP.WRITE,
+          (hole ? MIRROR_FLAG.MAY_PUNCH : 0) | MIRROR_FLAG.RESYNC, this.lunId, seq, this.doneHigh, start, len, data, 'resync', r);
         this.track(op);
         this.pool.send(op);
         this.doneHigh = seq;
@@ -552,6 +651,165 @@ export class LunMirror {
       }
     }
     while (this.linkUp && this.path === 'live' && this.inflight > 0 && this.resyncNeeded.size > 0) await this.sleep();
+  }
+
+  /**
+   * Initial sync / full compare: hash each region here and on the peer (pipelined, rate-limited);
+   * regions that differ, or that a write touched while they were compared, are resent by resync().
+   */
+  private async compare(): Promise<void> {
+    const regions = [...this.compareNeeded].sort((a, b) => a - b);
+    this.transition('syncing', `comparing ${regions.length} regions with the peer's copy (the secondary is inconsistent until done)`);
+    this.progress.syncTotal = regions.length;
+    this.progress.syncDone = 0;
+    this.progress.startedMs = Date.now();
+    const inflight = new Set<Promise<void>>();
+    for (const r of regions) {
+      if (!this.linkUp || this.path !== 'live') break;
+      if (!this.compareNeeded.has(r)) {
+        this.progress.syncDone++;
+        continue;
+      }
+      await this.rate.take(this.store.bitmap.regionSize);
+      while (inflight.size >= COMPARE_PARALLEL) await Promise.race(inflight);
+      const p: Promise<void> = this.compareRegion(r).finally(() => inflight.delete(p));
+      inflight.add(p);
+      this.logProgress('sync', this.progress.syncDone, this.progress.syncTotal);
+    }
+    await Promise.all(inflight);
+    if (this.compareNeeded.size === 0 && this.meta.data.syncCompare) {
+      this.log.info('full sync compared every region', { lun: this.lun, ...this.sync, toSend: this.resyncNeeded.size });
+    }
+  }
+
+  private async compareRegion(r: number): Promise<void> {
+    const size = this.store.bitmap.regionSize;
+    const start = r * size;
+    const len = Math.min(size, this.backing.size - start);
+    this.watching.add(r);
+    this.touched.delete(r);
+    try {
+      const data = Buffer.allocUnsafe(len);
+      let dep: number;
+      const token = await this.gate.enter(start, len);
+      try {
+        await this.backing.read(data, start);
+        dep = this.doneHigh;   // every write this region has seen completed locally, so is <= dep
+      } finally {
+        this.gate.leave(token);
+      }
+      const local = crypto.createHash('sha256').update(data).digest();
+      const remote = await this.hashPeer(start, len, dep);
+      if (!remote) return;   // the link failed: the region stays to compare
+      this.compareNeeded.delete(r);
+      this.sync.compared++;
+      this.progress.syncDone++;
+      if (remote.equals(local) && !this.touched.has(r)) {
+        this.sync.equal++;
+        this.sync.equalBytes += len;
+        this.maybeClear(r);
+      } else {
+        this.resyncNeeded.add(r);
+      }
+    } finally {
+      this.watching.delete(r);
+      this.touched.delete(r);
+    }
+  }
+
+  /** SHA-256 of the peer's copy of a range once everything up to `dep` is applied there; null if the link failed. */
+  async hashPeer(offset: number, length: number, dep: number): Promise<Buffer | null> {
+    if (this.path !== 'live' || !this.linkUp) return null;
+    const op = new PendingOp(this, MIRROR_OP.HASH, 0, this.lunId, 0, dep, offset, length, null, 'control');
+    this.pool.send(op);
+    await op.settled;
+    if (op.errno !== 0) {
+      if (op.errno !== ENOTCONN) this.pool.disconnect(`peer failed a HASH of LUN ${this.lun} (errno ${op.errno})`);
+      return null;
+    }
+    return op.reply;
+  }
+
+  /**
+   * The peer has every change: it takes our generation (and drops its undo log), and our journal
+   * and bitmap are from now on relative to it. True when that is done (or was not needed).
+   */
+  private async settleGeneration(): Promise<boolean> {
+    const d = this.meta.data;
+    if (this.peerCurrent === d.current && d.peerBase === d.current && !d.syncCompare && !d.discardPeer) return true;
+    if ((await this.peerFlush()) !== 0 || this.path !== 'live') return false;
+    const current = d.current;
+    const payload = encodeGeneration(current, d.history);
+    const op = new PendingOp(this, MIRROR_OP.SET_GEN, 0, this.lunId, 0, this.nextSeq - 1, 0, payload.length, payload, 'control');
+    this.pool.send(op);
+    await op.settled;
+    if (op.errno !== 0) {
+      if (op.errno !== ENOTCONN) this.pool.disconnect(`peer failed SET_GEN of LUN ${this.lun} (errno ${op.errno})`);
+      return false;
+    }
+    this.peerCurrent = current;
+    await this.meta.update({ peerBase: current, syncCompare: false, discardPeer: false });
+    return true;
+  }
+
+  /** Progress of a verify under way (bytes compared of total), or null. */
+  verifying: { done: number; total: number; startedMs: number } | null = null;
+
+  /**
+   * Online verify: compare both copies by range hashes (coarse ranges, then the regions of those
+   * that differ) while hosts keep writing; each range's writes wait while it is hashed on both
+   * sides, so a difference is never an artefact of a write in flight. With repair, differing
+   * regions are resent from here. Returns the differing regions.
+   */
+  async verify(repair: boolean, coarseBytes = 64 * 1024 * 1024): Promise<number[]> {
+    if (this.verifying) throw new Error('a verify of this LUN is already running');
+    if (this.state !== 'uptodate' || this.path !== 'live') throw new Error(`the mirror is ${this.state} (${this.reason}); verify needs it up to date`);
+    const size = this.backing.size;
+    const rs = this.store.bitmap.regionSize;
+    const coarse = Math.max(rs, Math.floor(coarseBytes / rs) * rs);
+    this.verifying = { done: 0, total: size, startedMs: Date.now() };
+    const differing: number[] = [];
+    try {
+      for (let off = 0; off < size; off += coarse) {
+        const len = Math.min(coarse, size - off);
+        await this.rate.take(len);
+        if (!(await this.rangeEqual(off, len))) {
+          for (let r = off / rs; r * rs < off + len; r++) {
+            if (!(await this.rangeEqual(r * rs, Math.min(rs, size - r * rs)))) differing.push(r);
+          }
+        }
+        this.verifying.done = off + len;
+        this.logProgress('verify', this.verifying.done, size);
+      }
+    } finally {
+      this.verifying = null;
+    }
+    if (repair && differing.length) {
+      for (const r of differing) {
+        const m = this.store.bitmap.mark(r * rs, 1);
+        if (m) await m;
+        this.resyncNeeded.add(r);
+      }
+      await this.store.bitmap.sync();
+      while (this.linkUp && differing.some((r) => this.resyncNeeded.has(r))) {
+        this.kick();
+        await this.worker;
+      }
+      if (differing.some((r) => this.resyncNeeded.has(r))) throw new Error('the link went down during the repair; it completes after reconnect');
+    }
+    return differing;
+  }
+
+  private async rangeEqual(offset: number, length: number): Promise<boolean> {
+    const token = await this.gate.enter(offset, length);
+    try {
+      const local = await hashRange(this.backing, offset, length);
+      const remote = await this.hashPeer(offset, length, this.doneHigh);
+      if (!remote) throw new Error('the link went down during the verify');
+      return remote.equals(local);
+    } finally {
+      this.gate.leave(token);
+    }
   }
 
   /** Every request issued so far answered, then the peer's FLUSH. 0, or an errno. */
@@ -605,11 +863,11 @@ export class LunMirror {
   private lastProgressLog = 0;
 
   /** Long work reports progress (with an ETA) at most every 5 s. */
-  private logProgress(what: 'replay' | 'resync', done: number, total: number): void {
+  private logProgress(what: 'replay' | 'resync' | 'sync' | 'verify', done: number, total: number): void {
     const now = Date.now();
     if (now - this.lastProgressLog < 5000 || done === 0) return;
     this.lastProgressLog = now;
-    const elapsed = (now - this.progress.startedMs) / 1000;
+    const elapsed = (now - (what === 'verify' ? this.verifying!.startedMs : this.progress.startedMs)) / 1000;
     const etaSeconds = Math.round((elapsed / done) * (total - done));
     this.log.info(`${what} progress`, { lun: this.lun, done, total, percent: Math.floor((100 * done) / total), etaSeconds });
   }
@@ -620,7 +878,7 @@ export class LunMirror {
     this.state = to;
     this.reason = reason;
     if (from === to) return;
-    const level = to === 'journaling' || to === 'unpaired' ? 'warn' : 'info';
+    const level = to === 'split-brain' ? 'error' : to === 'journaling' || to === 'unpaired' ? 'warn' : 'info';
     this.log.log(level, 'LUN mirror state', { lun: this.lun, from, to, reason });
   }
 }

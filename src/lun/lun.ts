@@ -2,6 +2,8 @@
 // (sync / async / journal) wraps these operations without the NBD layer knowing.
 import { allowList } from '../net/cidr.js';
 import type { Backing, Extent } from '../storage/backing.js';
+import type { UndoLog } from '../journal/undo-log.js';
+import type { LunMeta } from './lun-meta.js';
 import type { LunMirror } from './lun-mirror.js';
 
 export type Role = 'primary' | 'secondary';
@@ -33,6 +35,10 @@ export class Lun {
   };
   /** The sending half of the mirror (primary LUNs with mode sync/async). */
   mirror: LunMirror | null = null;
+  /** Generation ids and role (lun-meta.ts); set by the site for every LUN of a mirrored site. */
+  meta: LunMeta | null = null;
+  /** Secondary: saves what resyncs overwrite so an interrupted one can be rolled back. */
+  undo: UndoLog | null = null;
   /** Per-request latency hook (NBD command type, seconds), set by the metrics module. */
   latency: ((type: number, seconds: number) => void) | null = null;
 

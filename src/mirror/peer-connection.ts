@@ -6,7 +6,7 @@ import type { MirrorTransport } from '../security/mirror-tls.js';
 import { FrameParser, STOP, type FrameSink } from '../net/frame-parser.js';
 import { SocketReader } from '../net/socket-reader.js';
 import {
-  CONTROL_REQID, decodeHello, HelloError, MAX_HELLO_LENGTH, REPLY_MAGIC, REPLY_SIZE, REQUEST_HEADER_SIZE, writeRequestHeader,
+  CONTROL_REQID, decodeHello, HelloError, MAX_HELLO_LENGTH, REPLY_DATA_MAGIC, REPLY_DATA_SIZE, REPLY_MAGIC, REPLY_SIZE, REQUEST_HEADER_SIZE, writeRequestHeader,
   type Hello, type MirrorRequestHeader,
 } from './wire.js';
 
@@ -15,8 +15,8 @@ export const ENOTCONN = 107;
 
 export interface MirrorOp extends MirrorRequestHeader {
   payload: Buffer | null;
-  /** Called once: 0, the peer's errno, or ENOTCONN when the link failed first. */
-  done(errno: number): void;
+  /** Called once: 0, the peer's errno, or ENOTCONN when the link failed first; `data` for a HASH. */
+  done(errno: number, data?: Buffer): void;
 }
 
 export type ElementStatus = 'down' | 'connecting' | 'up';
@@ -114,16 +114,17 @@ export class PeerConnection implements FrameSink {
   };
 
   onHeader(buf: Buffer, at: number): number {
-    if (buf.readUInt32BE(at) !== REPLY_MAGIC) {
+    const magic = buf.readUInt32BE(at);
+    if (magic !== REPLY_MAGIC && magic !== REPLY_DATA_MAGIC) {
       this.close('bad reply magic from peer');
       return STOP;
     }
     this.reply.reqId = buf.readUInt32BE(at + 4);
     this.reply.errno = buf.readUInt32BE(at + 8);
-    return 0;
+    return magic === REPLY_DATA_MAGIC ? REPLY_DATA_SIZE : 0;
   }
 
-  onFrame(): void {
+  onFrame(payload: Buffer | null): void {
     if (this.reply.reqId === CONTROL_REQID) {
       this.lastSeen = Date.now();
       this.onControl?.(this.reply.errno);
@@ -136,7 +137,7 @@ export class PeerConnection implements FrameSink {
     }
     this.pending.delete(this.reply.reqId);
     this.lastSeen = this.lastProgress = Date.now();
-    op.done(this.reply.errno);
+    op.done(this.reply.errno, payload ? Buffer.from(payload) : undefined);
   }
 
   onDiscarded(): void { /* replies carry no payload */ }

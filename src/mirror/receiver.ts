@@ -10,10 +10,13 @@ import { nbdErrno } from '../nbd/errors.js';
 import { FrameParser, STOP, type FrameSink } from '../net/frame-parser.js';
 import { SocketReader } from '../net/socket-reader.js';
 import type { MirrorTransport } from '../security/mirror-tls.js';
+import { hashRange } from '../storage/hash.js';
 import { ApplyOrder } from './apply-order.js';
+import { decidePairing } from './pairing.js';
 import {
-  CONTROL, CONTROL_REQID, ESTALE, decodeHello, encodeHello, HELLO_ANSWER, HELLO_OFFER, MAX_HELLO_LENGTH, MAX_MIRROR_PAYLOAD, MIRROR_FLAG, MIRROR_OP,
-  PAIR, readRequestHeader, REPLY_SIZE, REQUEST_HEADER_SIZE, writeReply, type LunAnswer, type LunOffer,
+  CONTROL, CONTROL_REQID, decodeGeneration, ESTALE, decodeHello, encodeHello, HELLO_ANSWER, HELLO_OFFER, MAX_HASH_LENGTH, MAX_HELLO_LENGTH,
+  MAX_MIRROR_PAYLOAD, MAX_SET_GEN_PAYLOAD, MIRROR_FLAG, MIRROR_OP, OFFER_FLAG, PAIR, PAIR_REASON, readRequestHeader, REPLY_DATA_MAGIC,
+  REPLY_DATA_SIZE, REPLY_MAGIC, REPLY_SIZE, REQUEST_HEADER_SIZE, SYNC, writeReply, type LunAnswer, type LunOffer,
   type MirrorRequestHeader,
 } from './wire.js';
 
@@ -27,6 +30,10 @@ export interface SecondaryState {
   feeder: string | null;
   connections: number;
   applied: { ops: number; bytes: number; flushes: number; errors: number };
+  /** The write that makes this copy inconsistent is persisting that fact (see apply). */
+  losingConsistency: Promise<void> | null;
+  /** How the last pairing catches up, and why. */
+  pairing: { sync: 'incremental' | 'full'; reason: string } | null;
 }
 
 interface Target { lun: Lun; state: SecondaryState; size: number }
@@ -41,6 +48,8 @@ export interface ReceiverOptions {
   peerAlive: () => boolean;
   /** TLS or plain TCP; default plain (unit tests that speak the wire directly). */
   transport?: MirrorTransport;
+  /** The peer resolved a split brain by discarding our copy of a LUN that is primary here: demote it. */
+  demoteForPeer?: (lun: string) => Promise<void>;
 }
 
 export class MirrorReceiver {
@@ -62,7 +71,10 @@ export class MirrorReceiver {
   stateOf(lun: string): SecondaryState {
     let s = this.secondaries.get(lun);
     if (!s) {
-      s = { order: new ApplyOrder(), feeder: null, connections: 0, applied: { ops: 0, bytes: 0, flushes: 0, errors: 0 } };
+      s = {
+        order: new ApplyOrder(), feeder: null, connections: 0, applied: { ops: 0, bytes: 0, flushes: 0, errors: 0 },
+        losingConsistency: null, pairing: null,
+      };
       this.secondaries.set(lun, s);
     }
     return s;
@@ -84,16 +96,23 @@ export class MirrorReceiver {
         throw new Error(`peer is site "${hello.site}", expected "${this.opts.peerSite}"`);
       }
       const targets = new Map<number, Target>();
-      const answers = hello.offers.map((o) => this.pair(o, hello.site, targets));
+      const answers: LunAnswer[] = [];
+      for (const o of hello.offers) answers.push(await this.pair(o, hello.site, targets));
       socket.write(encodeHello({ kind: HELLO_ANSWER, site: this.opts.site, session: hello.session, offers: [], answers }));
       const handler = new ReceiverConnection(socket, targets, peer, this.log);
       // Idle handlers check their element: if the peer's heartbeats stopped, the link is down.
-      socket.setTimeout(this.opts.idleCheckMs, () => {
-        if (!this.opts.peerAlive()) {
-          this.log.info('closing idle mirror connection: peer heartbeats stopped', { peer });
-          socket.destroy();
+      // 'timeout' fires once per idle spell: re-arm it while the peer is alive, or a connection
+      // that went idle just before the peer vanished would never be checked again.
+      const idleCheck = (): void => {
+        if (this.opts.peerAlive()) {
+          socket.setTimeout(this.opts.idleCheckMs);
+          return;
         }
-      });
+        this.log.info('closing idle mirror connection: peer heartbeats stopped', { peer });
+        socket.destroy();
+      };
+      socket.setTimeout(this.opts.idleCheckMs);
+      socket.on('timeout', idleCheck);
       for (const t of targets.values()) t.state.connections++;
       this.handlers.add(handler);
       socket.on('close', () => {
@@ -112,25 +131,46 @@ export class MirrorReceiver {
     }
   }
 
-  /** Decide whether an offered primary LUN may feed our LUN of the same name. */
-  private pair(offer: LunOffer, site: string, targets: Map<number, Target>): LunAnswer {
+  /** Decide whether an offered primary LUN may feed our LUN of the same name (pairing.ts). */
+  private async pair(offer: LunOffer, site: string, targets: Map<number, Target>): Promise<LunAnswer> {
     const lun = this.luns.get(offer.name);
-    const answer = (status: number): LunAnswer => ({ id: offer.id, status, size: lun?.size ?? 0 });
-    let status: number = PAIR.OK;
-    if (!lun) status = PAIR.MISSING;
-    else if (lun.spec.role !== 'secondary') status = PAIR.NOT_SECONDARY;
-    else if (lun.size < offer.size) status = PAIR.SMALLER;
-    else {
-      const state = this.stateOf(lun.name);
-      if (state.feeder && state.feeder !== site) status = PAIR.DUPLICATE;
-      else {
-        state.feeder = site;
-        state.order.resume(offer.instance, offer.nextSeq);
-        targets.set(offer.id, { lun, state, size: offer.size });
-      }
+    const answer = (status: number, sync: number = SYNC.INCREMENTAL): LunAnswer => ({
+      id: offer.id, status, size: lun?.size ?? 0, sync, current: lun?.meta?.current ?? '',
+    });
+    const refuse = (status: number, reason = PAIR_REASON[status]): LunAnswer => {
+      this.log.warn('mirror LUN refused', { lun: offer.name, from: site, status, reason });
+      return answer(status);
+    };
+    if (!lun) return refuse(PAIR.MISSING);
+    if (lun.size < offer.size) return refuse(PAIR.SMALLER);
+    const meta = lun.meta;
+    if (!meta) return refuse(lun.spec.role === 'secondary' ? PAIR.MISSING : PAIR.NOT_SECONDARY);
+    const verdict = decidePairing(offer, meta.data, lun.spec.role);
+    if (verdict.status === PAIR.SPLIT_BRAIN && !meta.data.splitBrain) {
+      this.log.error('split brain: both sites wrote this LUN as primary while apart; it stays disconnected until resolved', {
+        lun: lun.name, current: meta.current, peerCurrent: offer.lineage.current,
+      });
+      await meta.update({ splitBrain: { detectedMs: Date.now(), peerCurrent: offer.lineage.current } });
     }
-    if (status !== PAIR.OK) this.log.warn('mirror LUN refused', { lun: offer.name, from: site, status });
-    return answer(status);
+    if (verdict.status !== PAIR.OK) return refuse(verdict.status, verdict.reason);
+    const state = this.stateOf(lun.name);
+    if (state.feeder && state.feeder !== site) return refuse(PAIR.DUPLICATE);
+    if (offer.flags & OFFER_FLAG.FORCE) {
+      this.log.warn('the peer resolved a split brain by discarding this site\'s copy: it is overwritten', { lun: lun.name, from: site });
+      if (lun.spec.role === 'primary') {
+        if (!this.opts.demoteForPeer) return refuse(PAIR.NOT_SECONDARY);
+        await this.opts.demoteForPeer(lun.name);
+      }
+      // Until the overwrite completes, this copy is related to nothing the peer has: every later
+      // pairing must compare it whole (the peer keeps forcing until then).
+      await meta.update({ splitBrain: null, localChanges: true });
+    }
+    state.feeder = site;
+    state.order.resume(offer.instance, offer.nextSeq);
+    state.pairing = { sync: verdict.sync === SYNC.FULL ? 'full' : 'incremental', reason: verdict.reason };
+    targets.set(offer.id, { lun, state, size: offer.size });
+    this.log.info('mirror LUN paired', { lun: lun.name, from: site, sync: state.pairing.sync, reason: verdict.reason });
+    return answer(PAIR.OK, verdict.sync);
   }
 
   /**
@@ -175,6 +215,10 @@ class ReceiverConnection implements FrameSink {
     const h = readRequestHeader(buf, at);
     if (!h) return this.violate('bad mirror request header');
     this.current = h;
+    if (h.type === MIRROR_OP.SET_GEN) {
+      if (h.length > MAX_SET_GEN_PAYLOAD) return this.violate(`SET_GEN of ${h.length} bytes`);
+      return h.length;
+    }
     if (h.type !== MIRROR_OP.WRITE) return 0;
     if (h.length > MAX_MIRROR_PAYLOAD) return this.violate(`mirror write of ${h.length} bytes`);
     return h.length;
@@ -214,6 +258,8 @@ class ReceiverConnection implements FrameSink {
 
   private valid(h: MirrorRequestHeader, t: Target): boolean {
     if (h.type === MIRROR_OP.FLUSH) return true;
+    if (h.type === MIRROR_OP.SET_GEN) return h.seq === 0;
+    if (h.type === MIRROR_OP.HASH) return h.seq === 0 && h.length > 0 && h.length <= MAX_HASH_LENGTH && h.offset + h.length <= t.lun.size;
     if (h.type !== MIRROR_OP.WRITE && h.type !== MIRROR_OP.WRITE_ZEROES && h.type !== MIRROR_OP.TRIM) return false;
     return h.seq > 0 && h.length > 0 && h.offset + h.length <= t.size;
   }
@@ -226,6 +272,13 @@ class ReceiverConnection implements FrameSink {
         await backing.flush();
         applied.flushes++;
         return this.answer(h.reqId, 0);
+      }
+      if (h.type === MIRROR_OP.HASH || h.type === MIRROR_OP.SET_GEN) {
+        const wait = order.ready(h.dep, this);
+        if (wait) await wait;
+        if (this.socket.destroyed) return;
+        if (h.type === MIRROR_OP.HASH) return this.answer(h.reqId, 0, await hashRange(backing, h.offset, h.length));
+        return this.answer(h.reqId, await this.adopt(t, payload!));
       }
       if (order.isApplied(h.seq)) return this.answer(h.reqId, 0);
       const epoch = order.epoch;
@@ -251,6 +304,7 @@ class ReceiverConnection implements FrameSink {
       }
       if (order.isApplied(h.seq)) return this.answer(h.reqId, 0);
       await order.run(h.seq, async () => {
+        await this.beforeOverwrite(h, t);
         if (h.type === MIRROR_OP.WRITE) await backing.write(payload!, h.offset);
         else await backing.zero(h.offset, h.length, (h.flags & MIRROR_FLAG.MAY_PUNCH) !== 0, false);
         if (h.flags & MIRROR_FLAG.FUA) await backing.flush();
@@ -265,10 +319,39 @@ class ReceiverConnection implements FrameSink {
     }
   }
 
-  private answer(reqId: number, errno: number): void {
+  /**
+   * A resync write makes this copy inconsistent (persisted before it lands); while inconsistent,
+   * each region is saved in the undo log before its first overwrite, so promote can roll back.
+   */
+  private async beforeOverwrite(h: MirrorRequestHeader, t: Target): Promise<void> {
+    const { meta, undo } = t.lun;
+    if (!meta) return;
+    if ((h.flags & MIRROR_FLAG.RESYNC) && meta.data.consistent) {
+      t.state.losingConsistency ??= meta.update({ consistent: false }).then(() => {
+        this.log.info('secondary is inconsistent until the resync completes; its last consistent state is kept in the undo log', { lun: t.lun.name });
+      }).finally(() => { t.state.losingConsistency = null; });
+    }
+    if (t.state.losingConsistency) await t.state.losingConsistency;
+    if (!meta.data.consistent && undo && !undo.covers(h.offset, h.length)) await undo.protect(t.lun.backing, h.offset, h.length);
+  }
+
+  /** SET_GEN: the primary caught up; this copy is consistent again and takes its generation. */
+  private async adopt(t: Target, payload: Buffer): Promise<number> {
+    const g = decodeGeneration(payload);
+    const meta = t.lun.meta;
+    if (!g || !meta) return EINVAL;
+    await t.lun.backing.flush();
+    await meta.adopt(g.current, g.history);
+    await t.lun.undo?.discard();
+    this.log.info('secondary caught up with the primary', { lun: t.lun.name, generation: g.current });
+    return 0;
+  }
+
+  private answer(reqId: number, errno: number, data?: Buffer): void {
     if (this.socket.destroyed) return;
-    const out = Buffer.allocUnsafe(REPLY_SIZE);
-    writeReply(out, 0, reqId, errno);
+    const out = Buffer.allocUnsafe(REPLY_SIZE + (data ? REPLY_DATA_SIZE : 0));
+    writeReply(out, 0, reqId, errno, data ? REPLY_DATA_MAGIC : REPLY_MAGIC);
+    if (data) data.copy(out, REPLY_SIZE);
     // Replies finished in one event-loop turn leave in one write (as NBD replies do).
     if (!this.corked) {
       this.corked = true;

@@ -9,6 +9,7 @@ import type { Logger } from '../log.js';
 import { LunMirror, type MirrorStore } from '../lun/lun-mirror.js';
 import type { Lun } from '../lun/lun.js';
 import type { MirrorTransport } from '../security/mirror-tls.js';
+import { RateLimiter } from '../lun/rate-limit.js';
 import { MirrorPool } from './pool.js';
 
 /**
@@ -25,12 +26,15 @@ export class MirrorSender {
   private running = false;
   private connecting = false;
   private lastAttemptMs = 0;
+  /** Shared by every LUN's initial sync, resync and verify. */
+  readonly syncRate: RateLimiter;
 
   constructor(site: string, private readonly cfg: MirrorConfig, transport: MirrorTransport, private readonly log: Logger) {
     this.pool = new MirrorPool({
       site, peerHost: cfg.peer.host, peerPort: cfg.peer.port, peerSite: cfg.peer.site,
       connections: cfg.connections, connectTimeoutMs: cfg.connectTimeoutMs,
     }, transport, log);
+    this.syncRate = new RateLimiter(cfg.syncRateBytes);
     this.monitor = new LinkMonitor(cfg.heartbeat);
     this.monitor.on('state', (from, to, reason) => this.log.info('mirror link state', { from, to, reason }));
     this.monitor.on('down', (reason) => this.pool.disconnect(reason));
@@ -51,7 +55,7 @@ export class MirrorSender {
   attach(lun: Lun, store: MirrorStore): LunMirror | null {
     const mode = lun.spec.mirror;
     if (mode === 'none') return null;
-    lun.mirror = new LunMirror(lun.name, mode, lun.backing, this.pool, store, this.cfg.asyncWindowBytes, this.log);
+    lun.mirror = new LunMirror(lun.name, mode, lun.backing, this.pool, store, this.cfg.asyncWindowBytes, this.log, lun.meta!, this.syncRate);
     this.mirrored.push(lun);
     return lun.mirror;
   }
