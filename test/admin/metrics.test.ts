@@ -6,6 +6,7 @@ import http from 'node:http';
 import { siteStatus, startPair, waitDrained, waitLunStates, type Pair } from '../helpers/pair.js';
 import { Cleanup, exec, freePorts, pollUntil, randomFile, sha256File, sparseFile, startSite, tmpDir, type Site } from '../helpers/site.js';
 import type { TmpDir } from '../helpers/tmp.js';
+import { LUN_STATES } from '../../src/admin/metrics.js';
 
 const MiB = 1024 * 1024;
 const SHORT_HEARTBEAT = { intervalMs: 200, timeoutMs: 600, probationMs: 1000 };
@@ -309,9 +310,11 @@ describe('admin endpoint: /metrics and /status of a mirrored pair (a: lun0 prima
   it('the documented metrics are present on both sites, with lun (and state) labels', async function () {
     const exp = await pollUntil(async () => {
       const e = await scrape(pair.a);
-      // RTT and received heartbeats need a round or two of heartbeats.
-      return value(e, 'nbd_mirror_heartbeat_rtt_seconds') > 0 && value(e, 'nbd_mirror_heartbeats_received_total') > 0 && e;
-    }, { timeoutMs: 10_000, what: 'heartbeat RTT and received heartbeats on a' });
+      // RTT and received heartbeats need a round or two of heartbeats; the initial sync's bits
+      // clear once its regions were quiet for 2 s.
+      return value(e, 'nbd_mirror_heartbeat_rtt_seconds') > 0 && value(e, 'nbd_mirror_heartbeats_received_total') > 0
+        && value(e, 'nbd_mirror_dirty_regions', { lun: 'lun0' }) === 0 && e;
+    }, { timeoutMs: 15_000, what: 'heartbeat RTT, received heartbeats and an empty bitmap on a' });
 
     for (const name of ['nbd_mirror_lun_read_ops_total', 'nbd_mirror_lun_write_ops_total', 'nbd_mirror_lun_write_bytes_total',
       'nbd_mirror_lun_read_bytes_total', 'nbd_mirror_lun_errors_total', 'nbd_mirror_mirrored_ops_total', 'nbd_mirror_mirrored_bytes_total',
@@ -330,7 +333,10 @@ describe('admin endpoint: /metrics and /status of a mirrored pair (a: lun0 prima
     }
     family(exp, 'nbd_mirror_request_duration_seconds', 'histogram');
     expect(lunStates(exp)).to.deep.equal({ lun0: 'uptodate' });
-    expect(exp.get('nbd_mirror_lun_state')!.samples).to.have.length(10);   // every state, once
+    expect(exp.get('nbd_mirror_lun_state')!.samples).to.have.length(LUN_STATES.length);   // every state, once
+    for (const name of ['nbd_mirror_sync_progress_ratio', 'nbd_mirror_sync_equal_bytes_total', 'nbd_mirror_resynced_bytes_total']) {
+      expect(exp.has(name), name).to.equal(true);
+    }
     family(exp, 'nbd_mirror_peer_connections_up', 'gauge');
     expect(value(exp, 'nbd_mirror_peer_connections_up')).to.equal(4);
     family(exp, 'nbd_mirror_heartbeats_received_total', 'counter');
