@@ -707,7 +707,8 @@ export class LunMirror {
       if (remote.equals(local) && !this.touched.has(r)) {
         this.sync.equal++;
         this.sync.equalBytes += len;
-        this.maybeClear(r);
+        // No write behind it: clear at once (persisted on the next tick), so a restart resumes here.
+        if (this.clearable(r)) this.store.bitmap.clear(r);
       } else {
         this.resyncNeeded.add(r);
       }
