@@ -98,6 +98,12 @@ export class MirrorReceiver {
       const targets = new Map<number, Target>();
       const answers: LunAnswer[] = [];
       for (const o of hello.offers) answers.push(await this.pair(o, hello.site, targets));
+      // Pairing may wait (metadata, a demote): a peer that left meanwhile feeds nothing.
+      if (socket.destroyed) {
+        for (const t of targets.values()) if (t.state.connections === 0) t.state.feeder = null;
+        reader.detach();
+        return;
+      }
       socket.write(encodeHello({ kind: HELLO_ANSWER, site: this.opts.site, session: hello.session, offers: [], answers }));
       const handler = new ReceiverConnection(socket, targets, peer, this.log);
       // Idle handlers check their element: if the peer's heartbeats stopped, the link is down.
@@ -278,7 +284,7 @@ class ReceiverConnection implements FrameSink {
         if (wait) await wait;
         if (this.socket.destroyed) return;
         if (h.type === MIRROR_OP.HASH) return this.answer(h.reqId, 0, await hashRange(backing, h.offset, h.length));
-        return this.answer(h.reqId, await this.adopt(t, payload!));
+        return this.answer(h.reqId, await this.adopt(t, payload));
       }
       if (order.isApplied(h.seq)) return this.answer(h.reqId, 0);
       const epoch = order.epoch;
@@ -336,8 +342,8 @@ class ReceiverConnection implements FrameSink {
   }
 
   /** SET_GEN: the primary caught up; this copy is consistent again and takes its generation. */
-  private async adopt(t: Target, payload: Buffer): Promise<number> {
-    const g = decodeGeneration(payload);
+  private async adopt(t: Target, payload: Buffer | null): Promise<number> {
+    const g = payload && decodeGeneration(payload);
     const meta = t.lun.meta;
     if (!g || !meta) return EINVAL;
     await t.lun.backing.flush();

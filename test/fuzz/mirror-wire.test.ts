@@ -4,6 +4,7 @@
 import { expect } from 'chai';
 import fc from 'fast-check';
 import {
+  PROTOCOL_VERSION,
   decodeHello, encodeHello, HELLO_ANSWER, HELLO_OFFER, HelloError, readRequestHeader, REQUEST_HEADER_SIZE,
   REQUEST_MAGIC, writeRequestHeader, type Hello, type MirrorRequestHeader,
 } from '../../src/mirror/wire.js';
@@ -28,7 +29,7 @@ describe('fuzz: mirror wire', function () {
         if (!(err instanceof HelloError)) throw new Error(`decodeHello threw ${(err as Error)?.constructor?.name}: ${(err as Error)?.message}`);
         return;
       }
-      expect(h.version).to.equal(1);
+      expect(h.version).to.equal(PROTOCOL_VERSION);
       expect([HELLO_OFFER, HELLO_ANSWER]).to.include(h.kind);
       expect(h.session.length).to.equal(8);
       if (h.kind === HELLO_OFFER) expect(h.answers).to.deep.equal([]);
@@ -50,7 +51,7 @@ describe('fuzz: mirror wire', function () {
     await fuzz('mirror hello round trip', fc.property(helloArb, (h) => {
       const buf = encodeHello(h);
       expect(buf.readUInt32BE(0)).to.equal(buf.length - 4);
-      expect(decodeHello(buf.subarray(4))).to.deep.equal({ version: 1, ...h });
+      expect(decodeHello(buf.subarray(4))).to.deep.equal({ version: PROTOCOL_VERSION, ...h });
     }), BUDGET);
   });
 

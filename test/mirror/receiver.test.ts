@@ -1,23 +1,36 @@
 // The receiving side of the mirror, driven over the wire by a hand-rolled pool connection
 // (test/helpers/mirror-client.ts) against a real site holding secondary LUNs: apply order by
-// dep, duplicate suppression, and what a new run of the primary may (not) inherit.
+// dep, duplicate suppression, what a new run of the primary may (not) inherit, and the
+// generation ids (v2): how a resync leaves the copy inconsistent until SET_GEN, and how the
+// next pairing follows from the generation adopted.
 import { expect } from 'chai';
 import crypto from 'node:crypto';
-import { lunStatus } from '../helpers/pair.js';
+import { lunStatus, type LunStatus } from '../helpers/pair.js';
 import { MirrorClient } from '../helpers/mirror-client.js';
 import { Cleanup, freePorts, readAt, sparseFile, startSite, tmpDir, type Site } from '../helpers/site.js';
 import type { TmpDir } from '../helpers/tmp.js';
-import { MIRROR_OP, PAIR, type LunOffer } from '../../src/mirror/wire.js';
+import { NO_GENERATION } from '../../src/lun/lun-meta.js';
+import { encodeGeneration, MIRROR_FLAG, MIRROR_OP, OFFER_FLAG, PAIR, SYNC, type Lineage, type LunAnswer, type LunOffer } from '../../src/mirror/wire.js';
 
 const MiB = 1024 * 1024;
-const LUNS = ['order', 'dup', 'rerun', 'rerun-open'];
+const LUNS = ['order', 'dup', 'rerun', 'rerun-open', 'gen', 'split'];
+
+/** The part of a secondary's status this file reads beyond LunStatus. */
+type GenStatus = LunStatus & {
+  generation: { current: string; history: string[]; consistent: boolean; localChanges: boolean; splitBrain: { peerCurrent: string } | null };
+  pairing: { sync: 'incremental' | 'full'; reason: string } | null;
+  undoRegions: number;
+};
+const genStatus = async (site: Site, name: string) => (await lunStatus(site, name)) as GenStatus;
+const newGen = () => crypto.randomBytes(8).toString('hex');
 
 function fill(len: number, byte: number): Buffer {
   return Buffer.alloc(len, byte);
 }
 
-function offer(name: string, instance: Buffer, nextSeq = 1): LunOffer {
-  return { id: 0, name, size: MiB, instance, nextSeq };
+/** A primary that has not caught this secondary up yet: its own generation, no peer base. */
+function offer(name: string, instance: Buffer, nextSeq = 1, lineage: Lineage = { current: newGen(), history: [], peerBase: '' }, flags = 0): LunOffer {
+  return { id: 0, name, size: MiB, instance, nextSeq, lineage, flags };
 }
 
 /** Track whether a promise settled, without awaiting it. */
@@ -40,8 +53,17 @@ describe('mirror receiver (hand-rolled pool connections against a real site)', f
     const { client, answer } = await MirrorClient.connect(mirPort, 'a', [offer(name, instance, nextSeq)], session);
     clients.push(client);
     expect(answer.site).to.equal('b');
-    expect(answer.answers).to.deep.equal([{ id: 0, status: PAIR.OK, size: MiB }]);
+    // A secondary with no generation yet pairs with any primary, comparing everything.
+    expect(answer.answers).to.deep.equal([{ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.FULL, current: NO_GENERATION }]);
     return client;
+  }
+
+  /** Offer `name` with `lineage`; the answer (the client is kept for afterEach to close). */
+  async function offerLineage(name: string, lineage: Lineage, flags = 0): Promise<{ client: MirrorClient; answer: LunAnswer }> {
+    const { client, answer } = await MirrorClient.connect(mirPort, 'a', [offer(name, crypto.randomBytes(8), 1, lineage, flags)]);
+    clients.push(client);
+    expect(answer.answers).to.have.length(1);
+    return { client, answer: answer.answers[0] };
   }
 
   before(async function () {
@@ -131,5 +153,69 @@ describe('mirror receiver (hand-rolled pool connections against a real site)', f
 
   it('a waiting write of a previous run of the primary (connection still open, e.g. half-open after a crash) is never applied in the new run', async function () {
     await newRunAfterStaleWaiter('rerun-open', false);
+  });
+
+  it('a resync write makes the copy inconsistent until SET_GEN, which adopts the primary\'s generation; the next pairing is incremental', async function () {
+    const before = await genStatus(site, 'gen');
+    expect(before.generation).to.include({ current: NO_GENERATION, consistent: true, localChanges: false });
+    const c = await connect('gen', crypto.randomBytes(8));
+    expect((await genStatus(site, 'gen')).pairing).to.include({ sync: 'full' });
+
+    // A write of the initial sync (RESYNC): persisted as inconsistent before it lands, the old
+    // contents kept in the undo log.
+    expect(await c.request({ type: MIRROR_OP.WRITE, flags: MIRROR_FLAG.RESYNC, lunId: 0, seq: 1, dep: 0, offset: 0, length: 4096, payload: fill(4096, 0x77) })).to.equal(0);
+    let st = await genStatus(site, 'gen');
+    expect(st.generation.consistent, 'consistent during a resync').to.equal(false);
+    expect(st.state).to.equal('secondary-syncing');
+    expect(st.undoRegions, 'regions saved in the undo log').to.be.at.least(1);
+
+    // A malformed SET_GEN is refused and changes nothing.
+    const bad = Buffer.alloc(12, 0x33);
+    expect(await c.request({ type: MIRROR_OP.SET_GEN, lunId: 0, seq: 0, dep: 1, offset: 0, length: bad.length, payload: bad })).to.equal(22);
+    expect((await genStatus(site, 'gen')).generation).to.include({ current: NO_GENERATION, consistent: false });
+
+    // The primary caught us up: SET_GEN (after seq 1) with its generation and history.
+    const g = newGen();
+    const history = [newGen(), newGen()];
+    const payload = encodeGeneration(g, history);
+    expect(await c.request({ type: MIRROR_OP.SET_GEN, lunId: 0, seq: 0, dep: 1, offset: 0, length: payload.length, payload })).to.equal(0);
+    st = await genStatus(site, 'gen');
+    expect(st.generation).to.include({ current: g, consistent: true, localChanges: false });
+    expect(st.generation.history).to.deep.equal(history);
+    expect(st.state).to.equal('secondary-uptodate');
+    expect(st.undoRegions, 'the undo log is dropped once consistent').to.equal(0);
+    expect((await readAt(files.gen, 0, 4096)).every((x) => x === 0x77)).to.equal(true);
+    await c.close();
+
+    // The primary's next run: its journal is relative to g (peerBase): incremental.
+    const next = newGen();
+    const { answer } = await offerLineage('gen', { current: next, history: [g, ...history], peerBase: g });
+    expect(answer).to.deep.equal({ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.INCREMENTAL, current: g });
+    expect((await genStatus(site, 'gen')).pairing).to.include({ sync: 'incremental' });
+  });
+
+  it('an unrelated primary is a split brain: recorded, refused until a forced offer overwrites the copy', async function () {
+    const c = await connect('split', crypto.randomBytes(8));
+    const g = newGen();
+    const payload = encodeGeneration(g, []);
+    expect(await c.request({ type: MIRROR_OP.SET_GEN, lunId: 0, seq: 0, dep: 0, offset: 0, length: payload.length, payload })).to.equal(0);
+    await c.close();
+
+    // A primary whose lineage neither contains g nor is contained in ours: both wrote apart.
+    const stranger = newGen();
+    let { answer } = await offerLineage('split', { current: stranger, history: [newGen()], peerBase: '' });
+    expect(answer).to.include({ status: PAIR.SPLIT_BRAIN, current: g });
+    let st = await genStatus(site, 'split');
+    expect(st.state).to.equal('split-brain');
+    expect(st.generation.splitBrain).to.include({ peerCurrent: stranger });
+    // Even a primary that descends from g is refused now: the split brain stands until resolved.
+    ({ answer } = await offerLineage('split', { current: newGen(), history: [g], peerBase: g }));
+    expect(answer.status).to.equal(PAIR.SPLIT_BRAIN);
+    // A forced offer (`resolve --discard-remote` on the peer) pairs, FULL; our copy counts as changed.
+    ({ answer } = await offerLineage('split', { current: stranger, history: [], peerBase: '' }, OFFER_FLAG.FORCE));
+    expect(answer).to.deep.equal({ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.FULL, current: g });
+    st = await genStatus(site, 'split');
+    expect(st.generation).to.include({ splitBrain: null, localChanges: true });
+    expect(st.state).to.equal('secondary-uptodate');
   });
 });

@@ -56,7 +56,10 @@ describe('security: mirror link authentication (real sites)', function () {
     const p = await pair({}, {});
     await waitLunStates(p.a, { lun0: 'uptodate' });
     const before = await sha256File(fileB);
-    const offers: LunOffer[] = [{ id: 0, name: 'lun0', size: 8 * MiB, instance: Buffer.alloc(8, 1), nextSeq: 1 }];
+    const offers: LunOffer[] = [{
+      id: 0, name: 'lun0', size: 8 * MiB, instance: Buffer.alloc(8, 1), nextSeq: 1, flags: 0,
+      lineage: { current: crypto.randomBytes(8).toString('hex'), history: [], peerBase: '' },
+    }];
     let err: Error | null = null;
     try {
       const { client } = await MirrorClient.connect(p.mirB, 'a', offers, undefined, { identity: 'nbd-mirror-test', key: crypto.randomBytes(32) });
