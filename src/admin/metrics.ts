@@ -123,7 +123,7 @@ export class Metrics {
       collect() { this.reset(); this.inc(hb()?.received ?? 0); },
     });
     new client.Counter({
-      name: 'nbd_mirror_heartbeats_ignored_total', help: 'Heartbeat datagrams ignored, by reason (malformed, wrong site, replayed).',
+      name: 'nbd_mirror_heartbeats_ignored_total', help: 'Heartbeat datagrams ignored, by reason (malformed, wrong site, bad or missing signature, replayed, unproven new boot).',
       labelNames: ['reason'], registers: [r],
       collect() { this.reset(); for (const [k, v] of Object.entries(hb()?.ignored ?? {})) this.labels(k).inc(v); },
     });

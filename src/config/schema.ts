@@ -145,7 +145,7 @@ export const schema = {
     env: 'NBD_MIRROR_DATA_DIR',
   },
   admin: {
-    host: { doc: 'Address of the admin HTTP endpoint (status, metrics). Keep it on loopback.', format: 'host', default: '127.0.0.1', env: 'NBD_MIRROR_ADMIN_HOST' },
+    host: { doc: 'Address of the admin HTTP endpoint (status, metrics, and the promote/demote/resolve/verify actions). Keep it on loopback: it has no authentication.', format: 'host', default: '127.0.0.1', env: 'NBD_MIRROR_ADMIN_HOST' },
     port: { doc: 'Admin HTTP port (0 picks a free one).', format: 'port', default: 10811, env: 'NBD_MIRROR_ADMIN_PORT' },
   },
   luns: {
