@@ -310,7 +310,8 @@ class ReceiverConnection implements FrameSink {
       }
       if (order.isApplied(h.seq)) return this.answer(h.reqId, 0);
       await order.run(h.seq, async () => {
-        await this.beforeOverwrite(h, t);
+        const meta = t.lun.meta;   // the common case (consistent, live write) costs no await
+        if (meta && ((h.flags & MIRROR_FLAG.RESYNC) || !meta.data.consistent || t.state.losingConsistency)) await this.beforeOverwrite(h, t);
         if (h.type === MIRROR_OP.WRITE) await backing.write(payload!, h.offset);
         else await backing.zero(h.offset, h.length, (h.flags & MIRROR_FLAG.MAY_PUNCH) !== 0, false);
         if (h.flags & MIRROR_FLAG.FUA) await backing.flush();
