@@ -168,12 +168,9 @@ describe('LUN metadata (lun-meta)', function () {
     await expectClean('after update');
   });
 
-  // KNOWN BUG (src/lun/lun-meta.ts save()): concurrent saves share the one `${file}.tmp`: the
-  // second open truncates the first's file, the first rename moves it away, and the second
-  // rename fails with ENOENT (seen: "rename '.../t.meta.tmp' -> '.../t.meta'"). Two writers of
-  // different lengths can also leave stale bytes after the JSON. The receiver can get there: each
-  // of the n connections of a forcing pool session runs meta.update() in pair() at the same time.
-  // Enable once save() is serialized (or uses a unique temporary name).
+  // Concurrent saves once shared one `${file}.tmp`: the second open truncated the first's file and
+  // a rename failed with ENOENT. The receiver gets there: each connection of a forcing session
+  // updates the metadata in pair() at the same time. save() now runs one write at a time.
   it('concurrent saves all complete, and the last one wins (they once raced on one .tmp file)', async function () {
     const file = dir.join('t.meta');
     const meta = await LunMeta.open(file, 't', SIZE, 'primary');

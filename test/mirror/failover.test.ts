@@ -74,12 +74,15 @@ describe('mirror: failover and consistency (real sites)', function () {
     dir = await tmpDir('nbd-mirror-failover-');
     cleanup.add('temp dir', () => dir.cleanup());
   });
+  // FAILOVER_LOGS=1: print the sites' last log lines and stderr when a test fails.
+  const dumps: Site[] = [];
   afterEach(async function () {
-    if (this.currentTest?.state === "failed" && process.env.FAILOVER_LOGS) for (const s of dumps) console.log(s.logs.slice(-60).join("\n"), "\nSTDERR", s.stderr.join("\n"));
+    if (this.currentTest?.state === 'failed' && process.env.FAILOVER_LOGS) {
+      for (const s of dumps) console.log(`${s.logs.slice(-60).join('\n')}\n--- stderr ---\n${s.stderr.join('\n')}`);
+    }
     dumps.length = 0;
     await cleanup.run();
   });
-  const dumps: Site[] = [];
 
   it('initial sync of a 256 MiB LUN under concurrent writes ends equal; a second pairing of equal LUNs sends almost nothing', async function () {
     const size = 256 * MiB;
