@@ -61,11 +61,13 @@ schema: prints every key with its doc, default and environment variable.`,
 
 Reads the LUN's journal under dataDir (read-only, safe while the site runs) and prints its
 records, bytes and the age of the oldest record; --json adds every record's header.`,
-  promote: `Usage: nbd-mirror promote LUN --config FILE [--force] [--json]
+  promote: `Usage: nbd-mirror promote LUN --config FILE [--force] [--force-never-synced] [--json]
 
 Asks the running site (admin.host:admin.port of FILE) to make its copy of LUN the primary, writable
 for hosts. Refused (exit 1) while the peer is reachable and primary for LUN; --force promotes anyway
-(both sites are then primary: a split brain, ended with 'nbd-mirror resolve').
+(both sites are then primary: a split brain, ended with 'nbd-mirror resolve'). A copy that never
+completed an initial sync is no state of the old primary: promoting it is refused (exit 1) unless
+--force-never-synced says that is accepted; its status then keeps saying so.
 ${ACTION_EXITS}`,
   demote: `Usage: nbd-mirror demote LUN --config FILE [--json]
 
@@ -251,7 +253,10 @@ const ACTION_TIMEOUT_MS = 60_000;
 async function action(name: Action, args: string[]): Promise<number> {
   const help = HELP[name];
   const spec: OptionSpec = { config: { type: 'string', short: 'c' }, json: { type: 'boolean' } };
-  if (name === 'promote') spec.force = { type: 'boolean' };
+  if (name === 'promote') {
+    spec.force = { type: 'boolean' };
+    spec['force-never-synced'] = { type: 'boolean' };
+  }
   if (name === 'resolve') {
     spec['discard-local'] = { type: 'boolean' };
     spec['discard-remote'] = { type: 'boolean' };
@@ -266,6 +271,7 @@ async function action(name: Action, args: string[]): Promise<number> {
   const query: Record<string, string> = {};
   let discard: 'local' | 'remote' | undefined;
   if (name === 'promote' && opts.values.force) query.force = '1';
+  if (name === 'promote' && opts.values['force-never-synced']) query['never-synced'] = '1';
   if (name === 'verify' && opts.values.repair) query.repair = '1';
   if (name === 'resolve') {
     const local = Boolean(opts.values['discard-local']);

@@ -11,7 +11,8 @@ import { LunRegistry } from './lun/registry.js';
 import { Heartbeat } from './health/heartbeat.js';
 import { BitmapError, RegionBitmap } from './journal/bitmap.js';
 import { Journal, type JournalRecovery } from './journal/journal.js';
-import { ActionError, type RoleChange, type SiteActions, type VerifyReport } from './admin/actions.js';
+import { ActionError, type PromoteOptions, type RoleChange, type SiteActions, type VerifyReport } from './admin/actions.js';
+import { AppliedPoint } from './journal/applied-point.js';
 import { UndoLog } from './journal/undo-log.js';
 import { LunMeta, NO_GENERATION } from './lun/lun-meta.js';
 import { MirrorReceiver } from './mirror/receiver.js';
@@ -126,7 +127,12 @@ export class Site implements SiteActions {
       lun: lc.name, path: lc.path, size: backing.size, role, mirror,
       blockDevice: backing.isBlockDevice, readOnly: lun.readOnly, generation: meta?.current,
     });
-    if (meta && role === 'secondary' && !meta.data.consistent) {
+    if (meta?.data.promotedNeverSynced) {
+      this.log.warn('this LUN was promoted from a copy that never completed an initial sync: its data is not a state of the old primary', { lun: lc.name });
+    }
+    if (meta && role === 'secondary' && meta.neverSynced) {
+      this.log.warn('secondary never completed an initial sync: it is no state of the primary until one completes', { lun: lc.name });
+    } else if (meta && role === 'secondary' && !meta.data.consistent) {
       this.log.warn('secondary is inconsistent (a resync was interrupted): the primary completes it on reconnect, or promote rolls it back', {
         lun: lc.name, undoRegions: lun.undo?.saved,
       });
@@ -135,6 +141,9 @@ export class Site implements SiteActions {
 
   private async openUndo(lun: Lun): Promise<void> {
     lun.undo ??= await UndoLog.open(`${this.config.dataDir}/${lun.name}.undo`, lun.name, lun.size);
+    lun.applied ??= await AppliedPoint.open(`${this.config.dataDir}/${lun.name}.applied`, (reason) => {
+      this.log.warn('the secondary\'s applied point is damaged; the primary\'s offer decides where it resumes', { lun: lun.name, reason });
+    });
   }
 
   // ---- operator actions (admin endpoint, CLI) ------------------------------------------------
@@ -146,9 +155,13 @@ export class Site implements SiteActions {
     return { lun, meta: lun.meta };
   }
 
-  async promote(name: string, opts: { force: boolean }): Promise<RoleChange> {
+  async promote(name: string, opts: PromoteOptions): Promise<RoleChange> {
     const { lun, meta } = this.actionTarget(name);
     if (lun.spec.role === 'primary') throw new ActionError(`LUN ${name} is already primary here`);
+    if (meta.neverSynced && !opts.neverSynced) {
+      throw new ActionError(`LUN ${name} here never completed an initial sync: its data is no state of the primary ` +
+        '(--force-never-synced promotes it anyway, and its status keeps saying so)');
+    }
     const feeder = this.receiver!.stateOf(name).feeder;
     if (feeder && !opts.force) {
       throw new ActionError(`site ${feeder} is connected and primary for ${name}: demote it there first (or --force if it must be cut off)`);
@@ -158,13 +171,19 @@ export class Site implements SiteActions {
       this.receiver!.requestReoffer(`LUN ${name} promoted`, name);
       notes.push(`the connected primary (site ${feeder}) no longer feeds this LUN`);
     }
-    if (!meta.data.consistent) {
+    if (meta.neverSynced) {
+      // Nothing to roll back to: an undo log of a never-synced copy holds no state of the primary either.
+      await meta.update({ consistent: true, promotedNeverSynced: Date.now() });
+      notes.push('this copy never completed an initial sync: its data is NOT a state of the old primary');
+      this.log.error('promote of a copy that never completed an initial sync: its data is not a state of the old primary', { lun: name });
+    } else if (!meta.data.consistent) {
       const regions = lun.undo ? await lun.undo.rollback(lun.backing) : 0;
       await meta.update({ consistent: true });
       notes.push(`rolled back an interrupted resync (${regions} regions) to the last consistent state`);
       this.log.warn('promote: rolled back an interrupted resync', { lun: name, regions });
     }
     await lun.undo?.discard();
+    lun.applied?.clear();
     const base = meta.current;
     await meta.rotate();
     await meta.update({ role: 'primary', peerBase: base === NO_GENERATION ? '' : base, syncCompare: false, localChanges: false, discardPeer: false });
@@ -408,17 +427,23 @@ export class Site implements SiteActions {
       readOnly: lun.readOnly, hosts: this.nbd.connectionCount(lun.name), counters: lun.counters,
     };
     const meta = lun.meta?.data;
+    const lm = lun.meta;
+    const neverSynced = lun.spec.role === 'secondary' && !!lm?.neverSynced;
     const generation = meta && {
-      current: meta.current, history: meta.history.slice(0, 4), consistent: meta.consistent, localChanges: meta.localChanges,
-      splitBrain: meta.splitBrain, peerBase: meta.peerBase || null,
+      current: meta.current, history: meta.history.slice(0, 4), consistent: neverSynced ? false : meta.consistent, localChanges: meta.localChanges,
+      splitBrain: meta.splitBrain, peerBase: meta.peerBase || null, neverSynced,
+      // A forced promote of a never-synced copy is remembered: this data is no state of the old primary.
+      ...(meta.promotedNeverSynced ? { promotedNeverSynced: new Date(meta.promotedNeverSynced).toISOString(), dataOrigin: 'promoted without a completed initial sync: not a state of the old primary' } : {}),
     };
     if (lun.spec.role === 'secondary') {
       const s = this.receiver!.stateOf(lun.name);
       const state = meta?.splitBrain ? 'split-brain'
-        : meta && !meta.consistent ? (s.feeder ? 'secondary-syncing' : 'secondary-inconsistent')
+        : lm && !lm.consistent ? (s.feeder ? 'secondary-syncing' : 'secondary-inconsistent')
         : s.feeder ? 'secondary-uptodate' : 'secondary-waiting';
+      const reason = neverSynced ? 'never synced: no initial sync has completed, so this copy is no state of the primary'
+        : lm && !lm.consistent ? 'an interrupted resync: promote rolls back to the last consistent state' : undefined;
       return {
-        ...base, mode: 'secondary', state, peer: s.feeder, appliedSeq: s.order.appliedPrefix, applied: s.applied,
+        ...base, mode: 'secondary', state, ...(reason ? { reason } : {}), peer: s.feeder, appliedSeq: s.order.appliedPrefix, applied: s.applied,
         generation, pairing: s.pairing, undoRegions: lun.undo?.saved ?? 0,
       };
     }

@@ -18,7 +18,7 @@ export const LUN_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 
 /** Query parameters each action accepts (anything else is refused, so a typo is not silently ignored). */
 const PARAMS: Record<ActionName, readonly string[]> = {
-  promote: ['force'],
+  promote: ['force', 'never-synced'],
   demote: [],
   resolve: ['discard'],
   verify: ['repair'],
@@ -136,7 +136,8 @@ function parseAction(action: ActionName, lun: string, query: URLSearchParams): (
   switch (action) {
     case 'promote': {
       const force = flag(query, 'force');
-      return (a) => a.promote(lun, { force });
+      const neverSynced = flag(query, 'never-synced');
+      return (a) => a.promote(lun, neverSynced ? { force, neverSynced } : { force });
     }
     case 'demote':
       return (a) => a.demote(lun);

@@ -118,6 +118,16 @@ export class LunMirror {
   private worker: Promise<void> | null = null;
   private kickAgain = false;
   inflightBytes = 0;
+  /**
+   * After a restart with a recovered journal: the peer may already have applied some of those
+   * records (and writes the old run sent beyond them), so replaying them is a resync, not an
+   * in-order catch-up — the peer is inconsistent (undo log) until SET_GEN.
+   */
+  private replayAsResync = false;
+  /** A RESYNC-flagged change was sent: the peer is inconsistent until it gets SET_GEN. */
+  private genNeeded = false;
+  /** Replay sessions in a row that sent records and saw none answered. */
+  private replayStalls = 0;
 
   constructor(
     readonly lun: string,
@@ -137,6 +147,7 @@ export class LunMirror {
     this.nextSeq = journal.maxSeq + 1;
     this.ackedPrefix = journal.records ? journal.minSeq - 1 : journal.maxSeq;
     this.doneHigh = journal.maxSeq;
+    this.replayAsResync = journal.records > 0;
     // An initial sync under way when we stopped: its regions are still to be compared, not sent blindly.
     for (const r of bitmap.setRegions()) (this.meta.data.syncCompare ? this.compareNeeded : this.resyncNeeded).add(r);
     if (journal.records || this.resyncNeeded.size) {
@@ -168,7 +179,9 @@ export class LunMirror {
     const j = this.store.journal;
     const d = this.meta.data;
     return {
-      id, name: this.lun, size, instance: this.instance, nextSeq: j.records ? j.minSeq : this.nextSeq,
+      // Resume after what the peer answered: records at or below it may be in the journal still
+      // (the hand-over to live mirroring drops them only after a peer flush), but never again.
+      id, name: this.lun, size, instance: this.instance, nextSeq: j.records ? Math.max(j.minSeq, this.ackedPrefix + 1) : this.nextSeq,
       lineage: { current: d.current, history: d.history, peerBase: d.peerBase }, flags: d.discardPeer ? OFFER_FLAG.FORCE : 0,
     };
   }
@@ -196,12 +209,27 @@ export class LunMirror {
     }
     this.peerCurrent = answer.current;
     this.linkUp = true;
+    this.resumeAfter(answer.applied);
     if (this.meta.data.splitBrain) {
       this.log.warn('split brain resolved: the peer accepted this LUN again', { lun: this.lun });
       this.meta.update({ splitBrain: null }).catch((err: Error) => this.metaFailed(err));
     }
     if (answer.sync === SYNC.FULL) this.startFullSync().then(() => this.kick(), (err: Error) => this.metaFailed(err));
     else this.kick();
+  }
+
+  /**
+   * The peer says it has applied every request of this run up to `applied` (it records that
+   * point durably): requests it answered before a cut whose replies we lost count as answered.
+   */
+  private resumeAfter(applied: number): void {
+    if (!(applied > this.ackedPrefix && applied < this.nextSeq)) return;
+    for (let s = this.ackedPrefix + 1; s <= applied; s++) {
+      this.tracked.delete(s);
+      this.answered.delete(s);
+    }
+    this.ackedPrefix = applied;
+    while (this.answered.delete(this.ackedPrefix + 1)) this.tracked.delete(++this.ackedPrefix);
   }
 
   /** Start the catch-up worker, or have the running one start over when it ends. */
@@ -476,6 +504,7 @@ export class LunMirror {
       return;
     }
     this.appendsInFlight++;
+    let failed: Error | null = null;
     try {
       await journal.append({
         seq, dep, offset, length, flags,
@@ -484,12 +513,16 @@ export class LunMirror {
       });
       if (this.mode === 'sync' || (flags & MIRROR_FLAG.FUA)) await journal.sync();
     } catch (err) {
-      // A full disk under dataDir (or any journal failure) must not fail host writes: fall back to the bitmap.
-      this.log.error('journal append failed', { lun: this.lun, error: (err as Error).message });
-      await this.overflow(`journal append failed: ${(err as Error).message}`);
-      this.needResync(offset, length);
+      failed = err as Error;
     } finally {
       if (--this.appendsInFlight === 0) for (const w of this.appendsIdle.splice(0)) w();
+    }
+    if (failed) {
+      // A full disk under dataDir (or any journal failure) must not fail host writes: fall back to
+      // the bitmap. (After this append stopped counting: overflow waits for appends in flight.)
+      this.log.error('journal append failed', { lun: this.lun, error: failed.message });
+      await this.overflow(`journal append failed: ${failed.message}`);
+      this.needResync(offset, length);
     }
   }
 
@@ -530,7 +563,11 @@ export class LunMirror {
 
   private async catchUp(): Promise<void> {
     try {
-      if (this.path === 'journal') await this.replay();
+      if (this.path === 'journal') {
+        const before = this.ackedPrefix;
+        const sentTo = await this.replay();
+        if (this.path === 'journal' && sentTo > before) await this.noteReplayProgress(before);
+      }
       if (!this.linkUp) return;
       if (this.path === 'bitmap' || this.resyncNeeded.size > 0 || this.compareNeeded.size > 0) await this.resync();
       if (!this.linkUp) return;
@@ -542,24 +579,50 @@ export class LunMirror {
     }
   }
 
-  /** Send the journal in sequence order while new writes queue behind it; then go live. */
-  private async replay(): Promise<void> {
+  /**
+   * A replay that ended with the link down: if it sent records and the peer answered none, three
+   * times in a row, it cannot make progress — resync the dirty regions instead of looping.
+   */
+  private async noteReplayProgress(before: number): Promise<void> {
+    if (this.ackedPrefix > before) {
+      this.replayStalls = 0;
+      return;
+    }
+    if (++this.replayStalls < 3) return;
+    this.replayStalls = 0;
+    this.log.error('journal replay made no progress in 3 sessions; the dirty regions are resynced instead', { lun: this.lun, ackedPrefix: this.ackedPrefix });
+    await this.overflow('journal replay made no progress in 3 sessions');
+  }
+
+  /**
+   * Send the journal in sequence order, from after what the peer has, while new writes queue
+   * behind it; then go live. Returns the last sequence number sent.
+   */
+  private async replay(): Promise<number> {
     const journal = this.store.journal;
-    if (journal.records > 0) this.transition('replaying', `${journal.records} journal records to send`);
-    this.progress.replayTotal = journal.records;
+    let lastSent = this.ackedPrefix;   // the peer has everything up to here (see resumeAfter)
+    const left = journal.records - firstIndexAfter(journal.entries(), lastSent);
+    if (left > 0) this.transition('replaying', `${left} journal records to send`);
+    this.progress.replayTotal = left;
     this.progress.replayDone = 0;
     this.progress.startedMs = Date.now();
-    let lastSent = 0;
     for (;;) {
-      if (!this.linkUp || this.path !== 'journal') return;
+      if (!this.linkUp || this.path !== 'journal') return lastSent;
       const entries = journal.entries();
       const from = firstIndexAfter(entries, lastSent);
-      if (from >= entries.length) {
+      if (from >= entries.length || entries[from].seq !== lastSent + 1) {
         if (this.appendsInFlight > 0) {
           await this.appendsSettled();
           continue;
         }
-        break;
+        if (from >= entries.length) break;
+        // A record the peer needs is not there: sending what follows would only wait for it.
+        this.log.error('journal replay cannot continue in order: a sequence number is missing; the dirty regions are resynced instead', {
+          lun: this.lun, missing: lastSent + 1, next: entries[from].seq,
+        });
+        await this.overflow(`journal has no record ${lastSent + 1}`);
+        this.pool.disconnect(`LUN ${this.lun}: journal gap, renegotiating`);
+        return lastSent;
       }
       if (this.replayBytes >= REPLAY_WINDOW_BYTES) {
         await this.sleep();
@@ -568,18 +631,22 @@ export class LunMirror {
       // A batch of records (up to REPLAY_BATCH_BYTES), their data read together.
       const batch: JournalEntry[] = [];
       let bytes = 0;
-      for (let k = from; k < entries.length && bytes < REPLAY_BATCH_BYTES; k++) {
+      // (Consecutive records only: a gap is found, above, before anything after it is sent.)
+      for (let k = from; k < entries.length && bytes < REPLAY_BATCH_BYTES && entries[k].seq === entries[from].seq + (k - from); k++) {
         batch.push(entries[k]);
         bytes += entries[k].length;
       }
       const writes = batch.filter((e) => e.kind === JOURNAL_KIND.WRITE);
       const datas = await journal.readDataMany(writes);
-      if (!this.linkUp || this.path !== 'journal') return;
+      if (!this.linkUp || this.path !== 'journal') return lastSent;
+      const extra = this.replayAsResync ? MIRROR_FLAG.RESYNC : 0;
       let w = 0;
       for (const e of batch) {
         const isWrite = e.kind === JOURNAL_KIND.WRITE;
         const data = isWrite ? datas[w++] : null;
-        const op = new PendingOp(this, isWrite ? MIRROR_OP.WRITE : MIRROR_OP.WRITE_ZEROES, e.flags, this.lunId, e.seq, e.dep,
+        const flags = e.flags | extra;
+        if (flags & MIRROR_FLAG.RESYNC) this.genNeeded = true;
+        const op = new PendingOp(this, isWrite ? MIRROR_OP.WRITE : MIRROR_OP.WRITE_ZEROES, flags, this.lunId, e.seq, e.dep,
           e.offset, e.length, data, 'replay');
         this.replayBytes += e.length;
         lastSent = e.seq;
@@ -599,6 +666,7 @@ export class LunMirror {
       await journal.reset();
       for (const r of this.store.bitmap.setRegions()) this.maybeClear(r);
     }
+    return lastSent;
   }
 
   /** Copy every stale region from local data; new writes are mirrored live meanwhile. */
@@ -640,6 +708,7 @@ export class LunMirror {
         }
         if (!this.linkUp || this.path !== 'live') return;
         const seq = this.nextSeq++;
+        this.genNeeded = true;
         const op = new PendingOp(this, hole ? MIRROR_OP.WRITE_ZEROES : MIRROR_OP.WRITE,
           (hole ? MIRROR_FLAG.MAY_PUNCH : 0) | MIRROR_FLAG.RESYNC, this.lunId, seq, this.doneHigh, start, len, data, 'resync', r);
         this.track(op);
@@ -737,7 +806,7 @@ export class LunMirror {
    */
   private async settleGeneration(): Promise<boolean> {
     const d = this.meta.data;
-    if (this.peerCurrent === d.current && d.peerBase === d.current && !d.syncCompare && !d.discardPeer) return true;
+    if (!this.genNeeded && this.peerCurrent === d.current && d.peerBase === d.current && !d.syncCompare && !d.discardPeer) return true;
     if ((await this.peerFlush()) !== 0 || this.path !== 'live') return false;
     const current = d.current;
     const payload = encodeGeneration(current, d.history);
@@ -749,6 +818,8 @@ export class LunMirror {
       return false;
     }
     this.peerCurrent = current;
+    this.genNeeded = false;
+    this.replayAsResync = false;
     await this.meta.update({ peerBase: current, syncCompare: false, discardPeer: false });
     return true;
   }

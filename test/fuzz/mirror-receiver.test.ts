@@ -541,7 +541,7 @@ describe('fuzz: mirror receiver', function () {
     try {
       const { peer, answers } = await RawPeer.connect([offerOf(lineage(gen()))]);
       peers.push(peer);
-      expect(answers).to.deep.equal([{ id: 3, status: PAIR.OK, size: LUN_SIZE, sync: SYNC.FULL, current: NO_GENERATION }]);
+      expect(answers).to.deep.equal([{ id: 3, status: PAIR.OK, size: LUN_SIZE, sync: SYNC.FULL, current: NO_GENERATION, applied: 0 }]);
 
       // HASH: seq 0, a data reply of REPLY_SIZE + 32 bytes whose digest is that of the bytes on disk.
       const image = fs.readFileSync(file);

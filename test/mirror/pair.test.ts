@@ -343,7 +343,9 @@ describe('mirror pair (two sites, real clients)', function () {
       expect(byName.get('lun0')!.reason).to.not.match(/smaller|no LUN/);
       const b = await siteStatus(pair.b);
       expect(b.luns.find((l) => l.name === 'lun0')!.state).to.equal('secondary-uptodate');
-      expect(b.luns.find((l) => l.name === 'big')!.state).to.equal('secondary-waiting');
+      // Refused, so it never synced: no state of the primary (issue 19.2).
+      expect(b.luns.find((l) => l.name === 'big')!.state).to.equal('secondary-inconsistent');
+      expect(b.luns.find((l) => l.name === 'big')!.reason).to.match(/never synced/);
     });
 
     it('the paired LUN still mirrors; the refused secondary stays untouched; unpaired LUNs write locally', async function () {
