@@ -2,6 +2,7 @@
 import './threadpool.js';
 import { parseArgs } from 'node:util';
 import { ConfigError, loadConfig } from './config/load.js';
+import type { SiteConfig } from './config/schema.js';
 import { createLogger } from './log.js';
 import { Site } from './site.js';
 import {
@@ -135,7 +136,12 @@ async function serve(args: string[]): Promise<number> {
   // A reload asked for while starting must not kill the process (SIGHUP's default action).
   const earlyHup = () => log.warn('SIGHUP while starting: ignored; send it again once ready');
   process.on('SIGHUP', earlyHup);
-  const site = await Site.start(cfg, log);
+  let site: Site;
+  try {
+    site = await Site.start(cfg, log);
+  } catch (err) {
+    throw bindError(err, cfg, opts.values.config as string) ?? err;
+  }
   process.off('SIGHUP', earlyHup);
   let lastTick = performance.now();
   const lagTimer = setInterval(() => { lastTick = performance.now(); }, 500);
@@ -162,7 +168,8 @@ async function serve(args: string[]): Promise<number> {
       let next;
       notify('RELOADING=1');
       try {
-        next = loadConfig(opts.values.config as string);
+        // The site holds its LUNs' devices exclusively: that is not "busy" for a reload.
+        next = loadConfig(opts.values.config as string, { heldPaths: new Set(site.luns.all().map((l) => l.backing.path)) });
       } catch (err) {
         log.error('reload refused: configuration invalid', { error: (err as Error).message });
         notify('READY=1');
@@ -183,6 +190,20 @@ async function serve(args: string[]): Promise<number> {
     notify(`READY=1\nSTATUS=serving ${site.luns.all().length} LUNs`);
     stopWatchdog = startWatchdog(() => performance.now() - lastTick < 5000);
   });
+}
+
+/**
+ * A listener that cannot bind (port taken, address not local, privileged port) is a configuration
+ * problem: restarting does not help, so it exits 2 naming the keys, not 1.
+ */
+function bindError(err: unknown, cfg: SiteConfig, file: string): ConfigError | null {
+  const e = err as NodeJS.ErrnoException & { port?: number; address?: string };
+  if (!e || !['EADDRINUSE', 'EADDRNOTAVAIL', 'EACCES'].includes(e.code ?? '') || !['listen', 'bind'].includes(e.syscall ?? '')) return null;
+  const keys = [
+    ['listen', cfg.listen], ['admin', cfg.admin], ...(cfg.mirror ? [['mirror.listen', cfg.mirror.listen] as const] : []),
+  ].filter(([, l]) => typeof l !== 'string' && l.port === e.port).map(([k]) => `${k}.host/${k}.port`);
+  const what = e.code === 'EADDRINUSE' ? 'already in use' : e.code === 'EACCES' ? 'not permitted' : 'not an address of this machine';
+  return new ConfigError(`${file}: ${keys.join(', ') || 'a listener'}: cannot bind ${e.address ?? '?'}:${e.port ?? '?'}: ${what} (${e.code})`);
 }
 
 async function status(args: string[]): Promise<number> {

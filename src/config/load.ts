@@ -5,7 +5,9 @@ import fs from 'node:fs';
 import convict from 'convict';
 import { loadHostCredentials, loadMirrorCredentials } from '../security/credentials.js';
 import { checkDataDir, SecurityError } from '../security/files.js';
-import { lunChild, schema, type LunConfig, type SiteConfig } from './schema.js';
+import { busyDevices, peerIsSelf, portConflicts, sharedBacking } from './conflicts.js';
+import { lunChild, lunSchema, schema, type LunConfig, type SiteConfig } from './schema.js';
+import { typeProblems } from './types.js';
 
 export class ConfigError extends Error {}
 
@@ -13,8 +15,13 @@ export function siteSchema() {
   return convict<SiteConfig>(schema as unknown as convict.Schema<SiteConfig>);
 }
 
+export interface CheckOptions {
+  /** Backing paths this process already holds open (a reload): not reported as busy. */
+  heldPaths?: ReadonlySet<string>;
+}
+
 /** Parse and validate configuration text; `origin` names the file in messages. */
-export function parseConfig(text: string, origin: string, env: NodeJS.ProcessEnv = process.env): SiteConfig {
+export function parseConfig(text: string, origin: string, env: NodeJS.ProcessEnv = process.env, opts: CheckOptions = {}): SiteConfig {
   let raw: unknown;
   try {
     raw = JSON.parse(text);
@@ -28,6 +35,10 @@ export function parseConfig(text: string, origin: string, env: NodeJS.ProcessEnv
   if (luns !== undefined && !Array.isArray(luns)) {
     throw new ConfigError(`${origin}: luns: must be an array of LUN objects (got ${luns === null ? 'null' : typeof luns})`);
   }
+  // JSON types first: convict would coerce a string "no" to true.
+  const typeErrors = typeProblems(raw as Record<string, unknown>, schema as unknown as Record<string, unknown>,
+    lunSchema as unknown as Record<string, unknown>);
+  if (typeErrors.length) throw new ConfigError(`${origin}: ${typeErrors.join('; ')}`);
   const conf = convict<SiteConfig>(schema as unknown as convict.Schema<SiteConfig>, { env, args: [] });
   try {
     conf.load(raw);
@@ -42,17 +53,19 @@ export function parseConfig(text: string, origin: string, env: NodeJS.ProcessEnv
   cfg.luns = cfg.luns.map((l) => lunChild().load(l).getProperties());
   checkLuns(cfg, origin);
   checkSecurity(cfg, origin);
+  const clashes = [...portConflicts(cfg), ...peerIsSelf(cfg), ...sharedBacking(cfg), ...busyDevices(cfg, opts.heldPaths)];
+  if (clashes.length) throw new ConfigError(`${origin}: ${clashes.join('; ')}`);
   return cfg;
 }
 
-export function loadConfig(file: string): SiteConfig {
+export function loadConfig(file: string, opts: CheckOptions = {}): SiteConfig {
   let text: string;
   try {
     text = fs.readFileSync(file, 'utf8');
   } catch (err) {
     throw new ConfigError(`${file}: cannot read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
-  return parseConfig(text, file);
+  return parseConfig(text, file, process.env, opts);
 }
 
 function checkMirror(m: NonNullable<SiteConfig['mirror']>, origin: string): void {

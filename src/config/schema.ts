@@ -5,7 +5,7 @@ import { parseCidr } from '../net/cidr.js';
 
 export const LUN_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 
-const lunSchema = {
+export const lunSchema = {
   name: {
     doc: 'Export name hosts attach to; pairs a primary with the secondary of the same name on the peer.',
     format: (v: unknown) => {
