@@ -46,7 +46,7 @@ describe('config: parseConfig', function () {
     expect(cfg.listen).to.deep.equal({
       host: '127.0.0.1', port: 10809, tls: 'off', credentials: { pskFile: '', certFile: '', keyFile: '', caFile: '' },
     });
-    expect(cfg.admin).to.deep.equal({ host: '127.0.0.1', port: 10811 });
+    expect(cfg.admin).to.deep.equal({ host: '127.0.0.1', port: 10811, socket: '', tokenFile: '' });
     expect(cfg.log.level).to.equal('info');
     expect(cfg.log.format).to.equal('auto');
     expect(cfg.shutdownTimeoutMs).to.equal(10000);
@@ -318,6 +318,22 @@ describe('config: strict types, suggestions and cross-key checks', function () {
     expect(configError({ site: 'a', luns: [], mirror: { tls: 'off', listen: { host: '0.0.0.0', port: 7011 }, peer: { host: 'localhost', port: 7011 } } }))
       .to.include('own mirror listener');
     expect(() => parseConfig(JSON.stringify({ site: 'a', luns: [], mirror: { tls: 'off', listen: { port: 7012 }, peer: { host: '127.0.0.1', port: 7013 } } }), ORIGIN, {})).to.not.throw();
+  });
+
+  it('admin.tokenFile: a secret file (not readable by others) with a token of at least 16 characters', function () {
+    const tok = path.join(dir, 'admin.token');
+    fs.writeFileSync(tok, 'short\n', { mode: 0o600 });
+    expect(configError({ site: 'a', luns: [], admin: { tokenFile: tok } })).to.match(/admin\.tokenFile: .*at least 16 characters/);
+    fs.writeFileSync(tok, 'a-token-long-enough-1234\n');
+    fs.chmodSync(tok, 0o644);
+    expect(configError({ site: 'a', luns: [], admin: { tokenFile: tok } })).to.match(/admin\.tokenFile: .*readable by every user/);
+    fs.chmodSync(tok, 0o600);
+    expect(parseConfig(JSON.stringify({ site: 'a', luns: [], admin: { tokenFile: tok } }), ORIGIN, {}).admin.tokenFile).to.equal(tok);
+  });
+
+  it('admin.socket: a path too long for a unix socket is refused, naming the key', function () {
+    expect(configError({ site: 'a', luns: [], dataDir: `/${'d'.repeat(120)}` })).to.match(/admin\.socket: .* at most 107/);
+    expect(configError({ site: 'a', luns: [], admin: { socket: `/${'s'.repeat(120)}.sock` } })).to.include('admin.socket');
   });
 
   it('several problems are one line naming every key', function () {
