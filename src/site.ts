@@ -3,7 +3,8 @@ import fs from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import { Metrics, type MetricsSnapshot } from './admin/metrics.js';
 import { AdminServer } from './admin/server.js';
-import type { LunConfig, SiteConfig } from './config/schema.js';
+import { loadAdminToken } from './config/load.js';
+import { adminSocketPath, type LunConfig, type SiteConfig } from './config/schema.js';
 import type { Logger } from './log.js';
 import type { MirrorStore } from './lun/lun-mirror.js';
 import { Lun } from './lun/lun.js';
@@ -42,7 +43,8 @@ export class Site implements SiteActions {
   private constructor(public config: SiteConfig, private readonly log: Logger) {
     this.nbd = new NbdServer(this.luns, log, { mode: config.listen.tls, credentials: loadHostCredentials(config.listen) });
     this.metrics = new Metrics(() => this.status() as unknown as MetricsSnapshot);
-    this.admin = new AdminServer(() => this.status(), () => this.metrics.text(), this);
+    this.admin = new AdminServer(() => this.status(), () => this.metrics.text(), this,
+      { token: loadAdminToken(config), socketPath: adminSocketPath(config) });
     if (config.mirror) {
       const m = config.mirror;
       this.mirrorCredentials = loadMirrorCredentials(m);
@@ -84,6 +86,7 @@ export class Site implements SiteActions {
       }
       site.nbdAddress = await site.nbd.listen(config.listen.host, config.listen.port);
       site.adminAddress = await site.admin.listen(config.admin.host, config.admin.port);
+      await site.admin.listenSocket(adminSocketPath(config));
     } catch (err) {
       await site.stop();
       throw err;

@@ -3,9 +3,32 @@
 import http from 'node:http';
 import type { RoleChange, VerifyReport } from './actions.js';
 
-export function fetchStatus(host: string, port: number, timeoutMs = 5000): Promise<unknown> {
+/**
+ * Where the admin endpoint is: its TCP address (reads open; actions need `token`), or its unix
+ * socket (everything, for whoever may open it).
+ */
+export type AdminTarget = { host: string; port: number; token?: string | null } | { socketPath: string };
+
+/** "HOST:PORT", "[V6]:PORT", or a socket path (contains a "/"). */
+export function parseAdminAddress(text: string): AdminTarget | null {
+  if (text.includes('/')) return { socketPath: text };
+  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(text);
+  if (!m || Number(m[3]) > 65535) return null;
+  return { host: m[1] ?? m[2], port: Number(m[3]) };
+}
+
+export function describeTarget(t: AdminTarget): string {
+  return 'socketPath' in t ? t.socketPath : `${t.host.includes(':') ? `[${t.host}]` : t.host}:${t.port}`;
+}
+
+function connectOptions(t: AdminTarget): http.RequestOptions {
+  if ('socketPath' in t) return { socketPath: t.socketPath };
+  return { host: t.host, port: t.port, headers: t.token ? { authorization: `Bearer ${t.token}` } : {} };
+}
+
+export function fetchStatus(target: AdminTarget, timeoutMs = 5000): Promise<unknown> {
   return new Promise((resolve, reject) => {
-    const req = http.get({ host, port, path: '/status', timeout: timeoutMs }, (res) => {
+    const req = http.get({ ...connectOptions(target), path: '/status', timeout: timeoutMs }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => {
@@ -62,7 +85,7 @@ export interface ActionAnswer { status: number; body: unknown }
  * it takes (verify). Rejects with AdminUnreachableError when no connection could be made, with
  * AdminAnswerError when the connection was made but the answer timed out, broke off or is not JSON.
  */
-export function postAction(host: string, port: number, lun: string, action: string,
+export function postAction(target: AdminTarget, lun: string, action: string,
   query: Record<string, string> = {}, timeoutMs = 60_000): Promise<ActionAnswer> {
   const qs = new URLSearchParams(query).toString();
   const path = `/luns/${encodeURIComponent(lun)}/${encodeURIComponent(action)}${qs ? `?${qs}` : ''}`;
@@ -75,7 +98,8 @@ export function postAction(host: string, port: number, lun: string, action: stri
     };
     // agent: false — a fresh connection without the global agent's keep-alive socket timeout,
     // so a long verify is only bounded by `timeoutMs`.
-    const req = http.request({ host, port, path, method: 'POST', agent: false, headers: { 'content-length': 0 } }, (res) => {
+    const base = connectOptions(target);
+    const req = http.request({ ...base, path, method: 'POST', agent: false, headers: { ...base.headers, 'content-length': 0 } }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('error', fail);

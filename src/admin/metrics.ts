@@ -3,6 +3,7 @@
 import client from 'prom-client';
 import type { Lun } from '../lun/lun.js';
 import { CMD } from '../nbd/constants.js';
+import { logLinesLost } from '../log.js';
 
 const OPS: Record<number, string> = {
   [CMD.READ]: 'read', [CMD.WRITE]: 'write', [CMD.FLUSH]: 'flush', [CMD.TRIM]: 'trim',
@@ -145,6 +146,11 @@ export class Metrics {
         const t = take().hostTls;
         if (t) { this.labels('ok').inc(t.established); this.labels('failed').inc(t.failed); }
       },
+    });
+    new client.Counter({
+      name: 'nbd_mirror_log_lines_lost_total', help: 'Log lines that could not be written (stdout closed or failing); the site keeps serving.',
+      registers: [r],
+      collect() { this.reset(); this.inc(logLinesLost()); },
     });
     // Labelled by peer so that "never heard" is no sample at all, not a reassuring 0.
     const peerOf = () => take().mirror?.peer || 'peer';

@@ -36,10 +36,10 @@ function waitState(site: Site, states: string[], what: string, timeoutMs = 30_00
   });
 }
 
-/** POST an operator action to a site's admin endpoint. */
+/** POST an operator action to a site's admin socket (actions are not accepted over TCP). */
 function action(site: Site, verb: string, query = ''): Promise<{ status: number; body: Record<string, unknown> }> {
   return new Promise((resolve, reject) => {
-    const req = http.request({ host: '127.0.0.1', port: site.adminPort, method: 'POST', path: `/luns/lun0/${verb}${query}` }, (res) => {
+    const req = http.request({ socketPath: site.adminSocket, method: 'POST', path: `/luns/lun0/${verb}${query}` }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => resolve({ status: res.statusCode ?? 0, body: JSON.parse(Buffer.concat(chunks).toString('utf8')) }));
