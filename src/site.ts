@@ -384,8 +384,14 @@ export class Site implements SiteActions {
   }
 
   status() {
+    const mem = process.memoryUsage();
     return {
       site: this.config.site,
+      process: {
+        pid: process.pid, uptimeSeconds: Math.round(process.uptime()), node: process.version,
+        rssBytes: mem.rss, heapUsedBytes: mem.heapUsed, heapTotalBytes: mem.heapTotal,
+        externalBytes: mem.external, arrayBuffersBytes: mem.arrayBuffers,
+      },
       listen: this.nbdAddress,
       hostTls: this.config.listen.tls === 'off' ? null : { mode: this.config.listen.tls, ...this.nbd.tlsStats },
       mirror: this.sender && {

@@ -39,10 +39,10 @@ export interface MirrorStore {
   maxJournalBytes: number;
 }
 
-const REPLAY_WINDOW_BYTES = 64 * 1024 * 1024;
-const REPLAY_BATCH_BYTES = 8 * 1024 * 1024;
+const REPLAY_WINDOW_BYTES = 16 * 1024 * 1024;
+const REPLAY_BATCH_BYTES = 2 * 1024 * 1024;
 const CLEAR_DELAY_MS = 2000;
-const RESYNC_WINDOW_BYTES = 32 * 1024 * 1024;
+const RESYNC_WINDOW_BYTES = 16 * 1024 * 1024;
 /** Region comparisons (HASH requests) in flight during an initial sync. */
 const COMPARE_PARALLEL = 16;
 
