@@ -1,12 +1,13 @@
 // A running site: its LUNs, the NBD listener for hosts, and the admin endpoint.
 import fs from 'node:fs';
 import type { AddressInfo } from 'node:net';
-import { Metrics, type MetricsSnapshot } from './admin/metrics.js';
+import { Metrics, VERSION, type MetricsSnapshot } from './admin/metrics.js';
 import { AdminServer } from './admin/server.js';
 import type { LunConfig, SiteConfig } from './config/schema.js';
 import type { Logger } from './log.js';
 import type { MirrorStore } from './lun/lun-mirror.js';
 import { Lun } from './lun/lun.js';
+import { catchup, protectionOf, protectionReason } from './lun/protection.js';
 import { LunRegistry } from './lun/registry.js';
 import { Heartbeat } from './health/heartbeat.js';
 import { BitmapError, RegionBitmap } from './journal/bitmap.js';
@@ -385,8 +386,12 @@ export class Site implements SiteActions {
 
   status() {
     const mem = process.memoryUsage();
+    const luns = this.luns.all().map((lun) => this.lunStatus(lun));
+    const states = new Map<string, number>();
+    for (const l of luns) states.set(l.state, (states.get(l.state) ?? 0) + 1);
     return {
       site: this.config.site,
+      version: VERSION,
       process: {
         pid: process.pid, uptimeSeconds: Math.round(process.uptime()), node: process.version,
         rssBytes: mem.rss, heapUsedBytes: mem.heapUsed, heapTotalBytes: mem.heapTotal,
@@ -404,7 +409,13 @@ export class Site implements SiteActions {
         heartbeat: this.heartbeat?.stats,
         connections: this.sender.pool.elements.map((e) => ({ index: e.index, status: e.status, lastSeen: e.lastSeen, inflight: e.inflight })),
       },
-      luns: this.luns.all().map((lun) => this.lunStatus(lun)),
+      luns,
+      summary: {
+        luns: luns.length,
+        states: Object.fromEntries(states),
+        localOnly: luns.flatMap((l) => ('protection' in l && l.protection === 'local-only' ? [l.name] : [])),
+        journalBytes: luns.reduce((sum, l) => sum + ('journal' in l && l.journal ? l.journal.bytes : 0), 0),
+      },
     };
   }
 
@@ -433,8 +444,12 @@ export class Site implements SiteActions {
     const journal = m.journalStatus();
     // While the link waits out its probation, a LUN with changes to send shows it.
     const state = m.state === 'journaling' && this.sender!.monitor.state === 'probation' ? 'probation' : m.state;
+    const work = catchup(state, m.progress);
     return {
       ...base, state, reason: m.reason, writePath: m.path,
+      protection: protectionOf(state, m.mode), protectionReason: protectionReason(state),
+      catchup: work && { done: work.done, total: work.total, percent: Math.floor((100 * work.done) / work.total) },
+      etaSeconds: work?.etaSeconds ?? null,
       mirrored: m.stats, inflight: m.inflight, lagBytes: m.inflightBytes,
       journal, dirtyRegions: m.dirtyRegions, resyncPending: m.resyncNeeded.size,
       progress: m.progress, sync: m.sync, verify: m.verifying, generation,

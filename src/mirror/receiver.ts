@@ -171,11 +171,14 @@ export class MirrorReceiver {
       // pairing must compare it whole (the peer keeps forcing until then).
       await meta.update({ splitBrain: null, localChanges: true });
     }
+    const sync = verdict.sync === SYNC.FULL ? 'full' : 'incremental';
+    // Each connection of the peer's pool pairs the LUN again: log only a change of the pairing.
+    const changed = state.feeder !== site || state.pairing?.sync !== sync || state.pairing.reason !== verdict.reason;
     state.feeder = site;
     state.order.resume(offer.instance, offer.nextSeq);
-    state.pairing = { sync: verdict.sync === SYNC.FULL ? 'full' : 'incremental', reason: verdict.reason };
+    state.pairing = { sync, reason: verdict.reason };
     targets.set(offer.id, { lun, state, size: offer.size });
-    this.log.info('mirror LUN paired', { lun: lun.name, from: site, sync: state.pairing.sync, reason: verdict.reason });
+    if (changed) this.log.info('mirror LUN paired', { lun: lun.name, from: site, sync, reason: verdict.reason });
     return answer(PAIR.OK, verdict.sync);
   }
 
