@@ -262,14 +262,24 @@ export class Site implements SiteActions {
    * SIGHUP: add the LUNs new in `next`, remove those gone from it; other LUNs and their hosts are
    * untouched. A LUN whose settings changed, or other changed keys, need a restart (logged).
    */
-  async reload(next: SiteConfig): Promise<{ added: string[]; removed: string[]; unchanged: string[] }> {
+  async reload(next: SiteConfig): Promise<{ added: string[]; removed: string[]; unchanged: string[]; changed: string[] }> {
     const { luns: _old, ...oldRest } = this.config;
     const { luns: _new, ...newRest } = next;
-    if (JSON.stringify(oldRest) !== JSON.stringify(newRest)) {
-      this.log.warn('reload: only LUNs are added or removed; other changed keys take effect at the next restart');
-    }
     const before = new Map(this.config.luns.map((l) => [l.name, l]));
     const after = new Map(next.luns.map((l) => [l.name, l]));
+    // Every key whose value differs, dotted (`log.level`, `luns[lun0].mirror`, `luns[lun2]` for a
+    // LUN added or removed).
+    const changed = changedKeys(oldRest, newRest, '');
+    for (const name of new Set([...before.keys(), ...after.keys()])) {
+      const o = before.get(name);
+      const n = after.get(name);
+      if (!o || !n) changed.push(`luns[${name}]`);
+      else changed.push(...changedKeys(o, n, `luns[${name}].`));
+    }
+    const notApplied = changed.filter((k) => !/^luns\[[^\]]*\]$/.test(k));
+    if (notApplied.length) {
+      this.log.warn('reload: only LUNs are added or removed; other changed keys take effect at the next restart', { keys: notApplied });
+    }
     const added: string[] = [];
     const removed: string[] = [];
     const unchanged: string[] = [];
@@ -277,7 +287,9 @@ export class Site implements SiteActions {
       const n = after.get(name);
       if (!n) continue;
       if (JSON.stringify(n) !== JSON.stringify(lc)) {
-        this.log.warn('reload: LUN settings changed; remove and re-add it, or restart, to apply', { lun: name });
+        this.log.warn('reload: LUN settings changed; remove and re-add it, or restart, to apply', {
+          lun: name, keys: changedKeys(lc, n, ''),
+        });
       }
       unchanged.push(name);
     }
@@ -301,10 +313,12 @@ export class Site implements SiteActions {
       }
     }
     this.config = { ...this.config, luns: this.config.luns.filter((l) => after.has(l.name)).concat(next.luns.filter((l) => added.includes(l.name))) };
-    if (mirrorChanged) this.sender?.resession('the mirrored LUNs changed');
-    if (secondaryAdded) this.receiver?.requestReoffer('a secondary LUN was added');
-    this.log.info('reloaded', { added, removed, unchanged });
-    return { added, removed, unchanged };
+    // Only a change of what this site offers (its mirrored primaries) renegotiates its session,
+    // and only an added secondary asks the peer to offer again; other LUNs are not touched.
+    if (mirrorChanged) this.sender?.resession(`the mirrored LUNs changed (${[...added, ...removed].join(', ')})`);
+    if (secondaryAdded) this.receiver?.requestReoffer(`a secondary LUN was added (${added.join(', ')})`);
+    this.log.info('reloaded', { added, removed, unchanged, changed });
+    return { added, removed, unchanged, changed };
   }
 
   private async removeLun(name: string): Promise<void> {
@@ -476,4 +490,17 @@ export class Site implements SiteActions {
       }
     }
   }
+}
+
+/** Dotted paths of the keys whose values differ between two configuration objects. */
+export function changedKeys(a: unknown, b: unknown, prefix: string): string[] {
+  const isObj = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+  if (!isObj(a) || !isObj(b)) return JSON.stringify(a) === JSON.stringify(b) ? [] : [prefix.replace(/\.$/, '')];
+  const out: string[] = [];
+  for (const k of new Set([...Object.keys(a), ...Object.keys(b)])) {
+    const [x, y] = [a[k], b[k]];
+    if (isObj(x) && isObj(y)) out.push(...changedKeys(x, y, `${prefix}${k}.`));
+    else if (JSON.stringify(x) !== JSON.stringify(y)) out.push(`${prefix}${k}`);
+  }
+  return out;
 }

@@ -57,6 +57,8 @@ export class MirrorReceiver {
   private readonly sockets = new Set<net.Socket>();
   private readonly handlers = new Set<ReceiverConnection>();
   readonly secondaries = new Map<string, SecondaryState>();
+  /** The pairing last logged per LUN (feeder, sync, reason): "paired" is logged when it changes. */
+  private readonly loggedPairing = new Map<string, string>();
 
   constructor(private readonly luns: LunRegistry, private readonly opts: ReceiverOptions, private readonly log: Logger) {
     this.server = opts.transport
@@ -173,7 +175,9 @@ export class MirrorReceiver {
     }
     const sync = verdict.sync === SYNC.FULL ? 'full' : 'incremental';
     // Each connection of the peer's pool pairs the LUN again: log only a change of the pairing.
-    const changed = state.feeder !== site || state.pairing?.sync !== sync || state.pairing.reason !== verdict.reason;
+    const key = `${site}\0${sync}\0${verdict.reason}`;
+    const changed = this.loggedPairing.get(lun.name) !== key;
+    this.loggedPairing.set(lun.name, key);
     state.feeder = site;
     state.order.resume(offer.instance, offer.nextSeq);
     state.pairing = { sync, reason: verdict.reason };
