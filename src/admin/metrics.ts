@@ -1,9 +1,9 @@
 // Prometheus metrics (prom-client): latency histograms fed on the hot path through Lun.latency,
 // everything else read from the site's status snapshot at scrape time (one source of truth).
 //
-// Series budget: a site with 64 LUNs exposes about 2,600 series (test/admin/metrics-series.test.ts
-// counts them). Per LUN the latency histogram has four op labels (read, write, flush, other:
-// trim, write zeroes, cache, block status) and 9 buckets.
+// Series budget (test/admin/metrics.test.ts counts a 64-LUN site): per LUN the latency histogram
+// has only read and write, with 7 buckets; every command's latency, with finer buckets, is in a
+// site-wide histogram; the state gauge lists only the states of the LUN's role.
 import fs from 'node:fs';
 import client from 'prom-client';
 import type { Lun } from '../lun/lun.js';
@@ -11,11 +11,13 @@ import { CMD } from '../nbd/constants.js';
 import { catchup } from '../lun/protection.js';
 
 const OPS: Record<number, string> = {
-  [CMD.READ]: 'read', [CMD.WRITE]: 'write', [CMD.FLUSH]: 'flush', [CMD.TRIM]: 'other',
-  [CMD.CACHE]: 'other', [CMD.WRITE_ZEROES]: 'other', [CMD.BLOCK_STATUS]: 'other',
+  [CMD.READ]: 'read', [CMD.WRITE]: 'write', [CMD.FLUSH]: 'flush', [CMD.TRIM]: 'trim',
+  [CMD.CACHE]: 'cache', [CMD.WRITE_ZEROES]: 'write_zeroes', [CMD.BLOCK_STATUS]: 'block_status',
 };
-const OP_LABELS = ['read', 'write', 'flush', 'other'] as const;
-export const LATENCY_BUCKETS = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.25, 1, 5];
+/** Commands with a per-LUN latency histogram. */
+const LUN_OPS = new Set(['read', 'write']);
+export const LUN_LATENCY_BUCKETS = [0.0001, 0.0005, 0.002, 0.01, 0.05, 0.25, 1];
+export const SITE_LATENCY_BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5];
 export const LINK_HEALTH_STATES = ['connecting', 'up', 'down', 'probation', 'ready'] as const;
 
 /** This package's version (package.json next to src/ or dist/). */
@@ -30,6 +32,8 @@ export const LUN_STATES = [
   'standalone', 'connecting', 'uptodate', 'journaling', 'probation', 'replaying', 'syncing', 'resyncing', 'unpaired', 'split-brain',
   'secondary-uptodate', 'secondary-waiting', 'secondary-syncing', 'secondary-inconsistent',
 ] as const;
+export const PRIMARY_STATES = LUN_STATES.filter((s) => !s.startsWith('secondary-'));
+export const SECONDARY_STATES = LUN_STATES.filter((s) => s.startsWith('secondary-'));
 
 /** The slice of the status snapshot the metrics read (see Site.status()). */
 export interface MetricsSnapshot {
@@ -59,6 +63,7 @@ const PEER_PROTECTED = new Set(['peer', 'peer-async']);
 export class Metrics {
   readonly registry = new client.Registry();
   private readonly latency: client.Histogram<'lun' | 'op'>;
+  private readonly siteLatency: client.Histogram<'op'>;
 
   constructor(snapshot: () => MetricsSnapshot) {
     const r = this.registry;
@@ -71,9 +76,16 @@ export class Metrics {
     }
     this.latency = new client.Histogram({
       name: 'nbd_mirror_request_duration_seconds',
-      help: 'Host request latency, from the request read to its reply queued, by LUN and command (op: read, write, flush, other).',
+      help: 'Host READ and WRITE latency per LUN, from the request read to its reply queued (every command: nbd_mirror_site_request_duration_seconds).',
       labelNames: ['lun', 'op'],
-      buckets: LATENCY_BUCKETS,
+      buckets: LUN_LATENCY_BUCKETS,
+      registers: [r],
+    });
+    this.siteLatency = new client.Histogram({
+      name: 'nbd_mirror_site_request_duration_seconds',
+      help: 'Host request latency over all LUNs of the site, by command, from the request read to its reply queued.',
+      labelNames: ['op'],
+      buckets: SITE_LATENCY_BUCKETS,
       registers: [r],
     });
 
@@ -139,7 +151,9 @@ export class Metrics {
       labelNames: ['lun', 'state'], registers: [r],
       collect() {
         this.reset();
-        for (const l of take().luns) for (const st of LUN_STATES) this.labels(l.name, st).set(l.state === st ? 1 : 0);
+        for (const l of take().luns) {
+          for (const st of l.role === 'secondary' ? SECONDARY_STATES : PRIMARY_STATES) this.labels(l.name, st).set(l.state === st ? 1 : 0);
+        }
       },
     });
     new client.Gauge({
@@ -220,14 +234,20 @@ export class Metrics {
 
   /** Hook a LUN's hot path into the latency histogram (children cached: no label lookups per request). */
   instrument(lun: Lun): void {
-    const children = new Map<number, client.Histogram.Internal<'lun' | 'op'>>();
-    const byOp = new Map(OP_LABELS.map((op) => [op as string, this.latency.labels(lun.name, op)]));
-    for (const [type, op] of Object.entries(OPS)) children.set(Number(type), byOp.get(op)!);
-    lun.latency = (type, seconds) => children.get(type)?.observe(seconds);
+    const children = new Map<number, { lun: client.Histogram.Internal<'lun' | 'op'> | null; site: client.Histogram.Internal<'op'> }>();
+    for (const [type, op] of Object.entries(OPS)) {
+      children.set(Number(type), { lun: LUN_OPS.has(op) ? this.latency.labels(lun.name, op) : null, site: this.siteLatency.labels(op) });
+    }
+    lun.latency = (type, seconds) => {
+      const c = children.get(type);
+      if (!c) return;
+      c.site.observe(seconds);
+      c.lun?.observe(seconds);
+    };
   }
 
   forget(lun: string): void {
-    for (const op of OP_LABELS) this.latency.remove(lun, op);
+    for (const op of LUN_OPS) this.latency.remove(lun, op);
   }
 
   text(): Promise<string> {
