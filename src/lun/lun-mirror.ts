@@ -40,7 +40,7 @@ export interface MirrorStore {
   maxJournalBytes: number;
 }
 
-const REPLAY_WINDOW_BYTES = 16 * 1024 * 1024;
+const REPLAY_WINDOW_BYTES = 8 * 1024 * 1024;
 const REPLAY_BATCH_BYTES = 2 * 1024 * 1024;
 const CLEAR_DELAY_MS = 2000;
 const RESYNC_WINDOW_BYTES = 16 * 1024 * 1024;
