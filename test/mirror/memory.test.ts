@@ -60,6 +60,14 @@ describe('memory: QD16 writes with a journal backlog to replay stay within 150 M
     await sampler;
     const after = (await pair.status('a')) as unknown as ProcStatus;
     expect(after.luns[0].protection).to.equal('peer');
+    // The log says it too: each state line carries the protection (and why, when local-only).
+    const states = pair.logLines('a', 'LUN mirror state');
+    const toJournaling = states.find((l) => l.to === 'journaling');
+    expect(toJournaling, 'a "LUN mirror state" line to journaling').to.not.equal(undefined);
+    expect(toJournaling!.protection).to.equal('local-only');
+    expect(String(toJournaling!.protectionReason)).to.include('not reachable');
+    const last = states.at(-1)!;
+    expect([last.to, last.protection, last.protectionReason]).to.deep.equal(['uptodate', 'peer', undefined]);
     console.log(`      peak RSS a ${(peak.a / MiB).toFixed(1)} MiB, b ${(peak.b / MiB).toFixed(1)} MiB over ${samples} samples; `
       + `${result.writes} writes; cut to uptodate ${((Date.now() - cutAt) / 1000).toFixed(1)} s`);
     expect(samples).to.be.above(20);
