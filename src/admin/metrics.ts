@@ -33,7 +33,8 @@ export const LUN_STATES = [
   'secondary-uptodate', 'secondary-waiting', 'secondary-syncing', 'secondary-inconsistent',
 ] as const;
 export const PRIMARY_STATES = LUN_STATES.filter((s) => !s.startsWith('secondary-'));
-export const SECONDARY_STATES = LUN_STATES.filter((s) => s.startsWith('secondary-'));
+/** A secondary's states; split brain is recorded on both sites. */
+export const SECONDARY_STATES = LUN_STATES.filter((s) => s.startsWith('secondary-') || s === 'split-brain');
 
 /** The slice of the status snapshot the metrics read (see Site.status()). */
 export interface MetricsSnapshot {
