@@ -1,13 +1,14 @@
 // A running site: its LUNs, the NBD listener for hosts, and the admin endpoint.
 import fs from 'node:fs';
 import type { AddressInfo } from 'node:net';
-import { Metrics, type MetricsSnapshot } from './admin/metrics.js';
+import { Metrics, VERSION, type MetricsSnapshot } from './admin/metrics.js';
 import { AdminServer } from './admin/server.js';
 import { loadAdminToken } from './config/load.js';
 import { adminSocketPath, type LunConfig, type SiteConfig } from './config/schema.js';
 import type { Logger } from './log.js';
 import type { MirrorStore } from './lun/lun-mirror.js';
 import { Lun } from './lun/lun.js';
+import { catchup, protectionOf, protectionReason } from './lun/protection.js';
 import { LunRegistry } from './lun/registry.js';
 import { Heartbeat } from './health/heartbeat.js';
 import { BitmapError, RegionBitmap } from './journal/bitmap.js';
@@ -283,14 +284,24 @@ export class Site implements SiteActions {
    * SIGHUP: add the LUNs new in `next`, remove those gone from it; other LUNs and their hosts are
    * untouched. A LUN whose settings changed, or other changed keys, need a restart (logged).
    */
-  async reload(next: SiteConfig): Promise<{ added: string[]; removed: string[]; unchanged: string[] }> {
+  async reload(next: SiteConfig): Promise<{ added: string[]; removed: string[]; unchanged: string[]; changed: string[] }> {
     const { luns: _old, ...oldRest } = this.config;
     const { luns: _new, ...newRest } = next;
-    if (JSON.stringify(oldRest) !== JSON.stringify(newRest)) {
-      this.log.warn('reload: only LUNs are added or removed; other changed keys take effect at the next restart');
-    }
     const before = new Map(this.config.luns.map((l) => [l.name, l]));
     const after = new Map(next.luns.map((l) => [l.name, l]));
+    // Every key whose value differs, dotted (`log.level`, `luns[lun0].mirror`, `luns[lun2]` for a
+    // LUN added or removed).
+    const changed = changedKeys(oldRest, newRest, '');
+    for (const name of new Set([...before.keys(), ...after.keys()])) {
+      const o = before.get(name);
+      const n = after.get(name);
+      if (!o || !n) changed.push(`luns[${name}]`);
+      else changed.push(...changedKeys(o, n, `luns[${name}].`));
+    }
+    const notApplied = changed.filter((k) => !/^luns\[[^\]]*\]$/.test(k));
+    if (notApplied.length) {
+      this.log.warn('reload: only LUNs are added or removed; other changed keys take effect at the next restart', { keys: notApplied });
+    }
     const added: string[] = [];
     const removed: string[] = [];
     const unchanged: string[] = [];
@@ -298,7 +309,9 @@ export class Site implements SiteActions {
       const n = after.get(name);
       if (!n) continue;
       if (JSON.stringify(n) !== JSON.stringify(lc)) {
-        this.log.warn('reload: LUN settings changed; remove and re-add it, or restart, to apply', { lun: name });
+        this.log.warn('reload: LUN settings changed; remove and re-add it, or restart, to apply', {
+          lun: name, keys: changedKeys(lc, n, ''),
+        });
       }
       unchanged.push(name);
     }
@@ -322,10 +335,12 @@ export class Site implements SiteActions {
       }
     }
     this.config = { ...this.config, luns: this.config.luns.filter((l) => after.has(l.name)).concat(next.luns.filter((l) => added.includes(l.name))) };
-    if (mirrorChanged) this.sender?.resession('the mirrored LUNs changed');
-    if (secondaryAdded) this.receiver?.requestReoffer('a secondary LUN was added');
-    this.log.info('reloaded', { added, removed, unchanged });
-    return { added, removed, unchanged };
+    // Only a change of what this site offers (its mirrored primaries) renegotiates its session,
+    // and only an added secondary asks the peer to offer again; other LUNs are not touched.
+    if (mirrorChanged) this.sender?.resession(`the mirrored LUNs changed (${[...added, ...removed].join(', ')})`);
+    if (secondaryAdded) this.receiver?.requestReoffer(`a secondary LUN was added (${added.join(', ')})`);
+    this.log.info('reloaded', { added, removed, unchanged, changed });
+    return { added, removed, unchanged, changed };
   }
 
   private async removeLun(name: string): Promise<void> {
@@ -406,8 +421,18 @@ export class Site implements SiteActions {
   }
 
   status() {
+    const mem = process.memoryUsage();
+    const luns = this.luns.all().map((lun) => this.lunStatus(lun));
+    const states = new Map<string, number>();
+    for (const l of luns) states.set(l.state, (states.get(l.state) ?? 0) + 1);
     return {
       site: this.config.site,
+      version: VERSION,
+      process: {
+        pid: process.pid, uptimeSeconds: Math.round(process.uptime()), node: process.version,
+        rssBytes: mem.rss, heapUsedBytes: mem.heapUsed, heapTotalBytes: mem.heapTotal,
+        externalBytes: mem.external, arrayBuffersBytes: mem.arrayBuffers,
+      },
       listen: this.nbdAddress,
       hostTls: this.config.listen.tls === 'off' ? null : { mode: this.config.listen.tls, ...this.nbd.tlsStats },
       mirror: this.sender && {
@@ -420,7 +445,13 @@ export class Site implements SiteActions {
         heartbeat: this.heartbeat?.stats,
         connections: this.sender.pool.elements.map((e) => ({ index: e.index, status: e.status, lastSeen: e.lastSeen, inflight: e.inflight })),
       },
-      luns: this.luns.all().map((lun) => this.lunStatus(lun)),
+      luns,
+      summary: {
+        luns: luns.length,
+        states: Object.fromEntries(states),
+        localOnly: luns.flatMap((l) => ('protection' in l && l.protection === 'local-only' ? [l.name] : [])),
+        journalBytes: luns.reduce((sum, l) => sum + ('journal' in l && l.journal ? l.journal.bytes : 0), 0),
+      },
     };
   }
 
@@ -455,8 +486,12 @@ export class Site implements SiteActions {
     const journal = m.journalStatus();
     // While the link waits out its probation, a LUN with changes to send shows it.
     const state = m.state === 'journaling' && this.sender!.monitor.state === 'probation' ? 'probation' : m.state;
+    const work = catchup(state, m.progress);
     return {
       ...base, state, reason: m.reason, writePath: m.path,
+      protection: protectionOf(state, m.mode), protectionReason: protectionReason(state),
+      catchup: work && { done: work.done, total: work.total, percent: Math.floor((100 * work.done) / work.total) },
+      etaSeconds: work?.etaSeconds ?? null,
       mirrored: m.stats, inflight: m.inflight, lagBytes: m.inflightBytes,
       journal, dirtyRegions: m.dirtyRegions, resyncPending: m.resyncNeeded.size,
       progress: m.progress, sync: m.sync, verify: m.verifying, generation,
@@ -483,4 +518,17 @@ export class Site implements SiteActions {
       }
     }
   }
+}
+
+/** Dotted paths of the keys whose values differ between two configuration objects. */
+export function changedKeys(a: unknown, b: unknown, prefix: string): string[] {
+  const isObj = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+  if (!isObj(a) || !isObj(b)) return JSON.stringify(a) === JSON.stringify(b) ? [] : [prefix.replace(/\.$/, '')];
+  const out: string[] = [];
+  for (const k of new Set([...Object.keys(a), ...Object.keys(b)])) {
+    const [x, y] = [a[k], b[k]];
+    if (isObj(x) && isObj(y)) out.push(...changedKeys(x, y, `${prefix}${k}.`));
+    else if (JSON.stringify(x) !== JSON.stringify(y)) out.push(`${prefix}${k}`);
+  }
+  return out;
 }

@@ -44,20 +44,66 @@ export function fetchStatus(target: AdminTarget, timeoutMs = 5000): Promise<unkn
   });
 }
 
-interface LunStatus { name: string; role: string; mode: string; state: string; size: number; hosts: number;
-  counters: { writeOps: number; writeBytes: number; readOps: number } }
+interface LunStatus {
+  name: string; role: string; mode: string; state: string; reason?: string; size: number; hosts: number;
+  counters: { writeOps: number; writeBytes: number; readOps: number };
+  protection?: string; etaSeconds?: number | null; catchup?: { done: number; total: number; percent: number } | null;
+  journal?: { bytes: number; oldestAgeMs: number | null }; lagBytes?: number;
+}
+interface SiteStatusBody {
+  site: string; luns: LunStatus[];
+  process?: { rssBytes: number; heapUsedBytes: number };
+  mirror?: { peer: string; link: string; health: string } | null;
+}
 
-/** A readable table of the status JSON. */
+export const STATUS_HEADER = ['LUN', 'ROLE', 'MODE', 'STATE', 'PROTECTION', 'PROGRESS', 'ETA', 'JOURNAL', 'LAG', 'SIZE', 'HOSTS',
+  'WRITES', 'WRITTEN', 'READS', 'REASON'];
+
+/**
+ * A readable table of the status JSON: a site line, one row per LUN (empty cells are "-"), and a
+ * summary line (LUNs by state, and which are not protected by the peer, with their ETA).
+ */
 export function formatStatus(body: unknown): string {
-  const s = body as { site: string; luns: LunStatus[] };
-  const rows = [['LUN', 'ROLE', 'MODE', 'STATE', 'SIZE', 'HOSTS', 'WRITES', 'WRITTEN', 'READS']];
+  const s = body as SiteStatusBody;
+  const rows = [STATUS_HEADER];
   for (const l of s.luns) {
-    rows.push([l.name, l.role, l.mode, l.state, bytes(l.size), String(l.hosts), String(l.counters.writeOps),
-      bytes(l.counters.writeBytes), String(l.counters.readOps)]);
+    const journal = l.journal ? `${bytes(l.journal.bytes)}${l.journal.oldestAgeMs != null ? ` (${duration(l.journal.oldestAgeMs / 1000)} old)` : ''}` : '-';
+    rows.push([l.name, l.role, l.mode, l.state, l.protection ?? '-', l.catchup ? `${l.catchup.percent}%` : '-',
+      l.etaSeconds != null ? duration(l.etaSeconds) : '-', journal, l.lagBytes != null ? bytes(l.lagBytes) : '-',
+      bytes(l.size), String(l.hosts), String(l.counters.writeOps), bytes(l.counters.writeBytes), String(l.counters.readOps),
+      l.reason || '-']);
   }
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
   const table = rows.map((r) => r.map((c, i) => c.padEnd(widths[i])).join('  ').trimEnd()).join('\n');
-  return `site ${s.site}\n${table}`;
+  const head = [`site ${s.site}`];
+  const facts: string[] = [];
+  if (s.mirror) facts.push(`peer ${s.mirror.peer || '?'}, link ${s.mirror.health}`);
+  if (s.process) facts.push(`rss ${bytes(s.process.rssBytes)}, heap ${bytes(s.process.heapUsedBytes)}`);
+  if (facts.length) head.push(`(${facts.join('; ')})`);
+  return `${head.join('  ')}\n${table}\n${statusSummary(s)}`;
+}
+
+/** "3 LUNs: 2 uptodate, 1 resyncing; local-only: lun0 (resyncing, ETA 1m05s)". */
+export function statusSummary(s: SiteStatusBody): string {
+  const byState = new Map<string, number>();
+  for (const l of s.luns) byState.set(l.state, (byState.get(l.state) ?? 0) + 1);
+  const states = [...byState].map(([st, n]) => `${n} ${st}`).join(', ');
+  const local = s.luns.filter((l) => l.protection === 'local-only');
+  const primaries = s.luns.filter((l) => l.protection != null);
+  const journal = s.luns.reduce((sum, l) => sum + (l.journal?.bytes ?? 0), 0);
+  let prot: string;
+  if (primaries.length === 0) prot = 'no mirrored primaries here';
+  else if (local.length === 0) prot = `every mirrored primary protected by the peer`;
+  else prot = `local-only: ${local.map((l) => `${l.name} (${l.state}${l.etaSeconds != null ? `, ETA ${duration(l.etaSeconds)}` : ''})`).join(', ')}`;
+  return `${s.luns.length} LUN${s.luns.length === 1 ? '' : 's'}${states ? `: ${states}` : ''}; ${prot}${journal ? `; journals ${bytes(journal)}` : ''}`;
+}
+
+/** 42s, 3m05s, 2h07m. */
+export function duration(seconds: number): string {
+  const t = Math.max(0, Math.round(seconds));
+  if (t < 60) return `${t}s`;
+  if (t < 3600) return `${Math.floor(t / 60)}m${String(t % 60).padStart(2, '0')}s`;
+  return `${Math.floor(t / 3600)}h${String(Math.floor((t % 3600) / 60)).padStart(2, '0')}m`;
 }
 
 function bytes(n: number): string {

@@ -27,6 +27,7 @@ import type { Backing } from '../storage/backing.js';
 import { hashRange } from '../storage/hash.js';
 import type { LunMeta } from './lun-meta.js';
 import { OverlapGate } from './overlap-gate.js';
+import { protectionOf, protectionReason } from './protection.js';
 import type { RateLimiter } from './rate-limit.js';
 
 export type MirrorState = 'connecting' | 'uptodate' | 'journaling' | 'replaying' | 'syncing' | 'resyncing' | 'unpaired' | 'split-brain';
@@ -39,10 +40,10 @@ export interface MirrorStore {
   maxJournalBytes: number;
 }
 
-const REPLAY_WINDOW_BYTES = 64 * 1024 * 1024;
-const REPLAY_BATCH_BYTES = 8 * 1024 * 1024;
+const REPLAY_WINDOW_BYTES = 8 * 1024 * 1024;
+const REPLAY_BATCH_BYTES = 2 * 1024 * 1024;
 const CLEAR_DELAY_MS = 2000;
-const RESYNC_WINDOW_BYTES = 32 * 1024 * 1024;
+const RESYNC_WINDOW_BYTES = 16 * 1024 * 1024;
 /** Region comparisons (HASH requests) in flight during an initial sync. */
 const COMPARE_PARALLEL = 16;
 
@@ -941,7 +942,9 @@ export class LunMirror {
     this.lastProgressLog = now;
     const elapsed = (now - (what === 'verify' ? this.verifying!.startedMs : this.progress.startedMs)) / 1000;
     const etaSeconds = Math.round((elapsed / done) * (total - done));
-    this.log.info(`${what} progress`, { lun: this.lun, done, total, percent: Math.floor((100 * done) / total), etaSeconds });
+    this.log.info(`${what} progress`, {
+      lun: this.lun, done, total, percent: Math.floor((100 * done) / total), etaSeconds, protection: protectionOf(this.state, this.mode),
+    });
   }
 
   private transition(to: MirrorState, reason: string): void {
@@ -951,7 +954,10 @@ export class LunMirror {
     this.reason = reason;
     if (from === to) return;
     const level = to === 'split-brain' ? 'error' : to === 'journaling' || to === 'unpaired' ? 'warn' : 'info';
-    this.log.log(level, 'LUN mirror state', { lun: this.lun, from, to, reason });
+    const protection = protectionOf(to, this.mode);
+    this.log.log(level, 'LUN mirror state', {
+      lun: this.lun, from, to, reason, protection, ...(protection === 'local-only' ? { protectionReason: protectionReason(to) } : {}),
+    });
   }
 }
 

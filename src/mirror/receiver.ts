@@ -57,6 +57,8 @@ export class MirrorReceiver {
   private readonly sockets = new Set<net.Socket>();
   private readonly handlers = new Set<ReceiverConnection>();
   readonly secondaries = new Map<string, SecondaryState>();
+  /** The pairing last logged per LUN (feeder, sync, reason): "paired" is logged when it changes. */
+  private readonly loggedPairing = new Map<string, string>();
 
   constructor(private readonly luns: LunRegistry, private readonly opts: ReceiverOptions, private readonly log: Logger) {
     this.server = opts.transport
@@ -174,12 +176,17 @@ export class MirrorReceiver {
       // pairing must compare it whole (the peer keeps forcing until then).
       await meta.update({ splitBrain: null, localChanges: true });
     }
+    const sync = verdict.sync === SYNC.FULL ? 'full' : 'incremental';
+    // Each connection of the peer's pool pairs the LUN again: log only a change of the pairing.
+    const key = `${site}\0${sync}\0${verdict.reason}`;
+    const changed = this.loggedPairing.get(lun.name) !== key;
+    this.loggedPairing.set(lun.name, key);
     state.feeder = site;
     state.order.resume(offer.instance, offer.nextSeq);
     lun.applied?.record(state.order.instance!, state.order.appliedPrefix);
-    state.pairing = { sync: verdict.sync === SYNC.FULL ? 'full' : 'incremental', reason: verdict.reason };
+    state.pairing = { sync, reason: verdict.reason };
     targets.set(offer.id, { lun, state, size: offer.size });
-    this.log.info('mirror LUN paired', { lun: lun.name, from: site, sync: state.pairing.sync, reason: verdict.reason });
+    if (changed) this.log.info('mirror LUN paired', { lun: lun.name, from: site, sync, reason: verdict.reason });
     return answer(PAIR.OK, verdict.sync, Math.max(0, state.order.appliedPrefix));
   }
 

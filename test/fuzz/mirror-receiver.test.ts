@@ -311,7 +311,7 @@ describe('fuzz: mirror receiver', function () {
         // Well-formed but refused: an answer instead of an offer, our own site name, other LUNs only.
         { weight: 2, arbitrary: fc.tuple(fc.constantFrom('answer', 'own-site', 'other-lun'), id8, fc.array(offerArb, { maxLength: 3 })).map(([why, session, offers]) => {
           if (why === 'answer') {
-            const answers: LunAnswer[] = [{ id: 0, status: 0, size: LUN_SIZE, sync: SYNC.INCREMENTAL, current: NO_GENERATION }];
+            const answers: LunAnswer[] = [{ id: 0, status: 0, size: LUN_SIZE, sync: SYNC.INCREMENTAL, current: NO_GENERATION, applied: 0 }];
             return encodeHello({ kind: HELLO_ANSWER, site: 'a', session, offers: [], answers });
           }
           if (why === 'own-site') return encodeHello({ kind: HELLO_OFFER, site: 'b', session, offers, answers: [] });
