@@ -9,6 +9,7 @@ import type { MirrorStore } from './lun/lun-mirror.js';
 import { Lun } from './lun/lun.js';
 import { LunRegistry } from './lun/registry.js';
 import { Heartbeat } from './health/heartbeat.js';
+import { processStatus } from './health/process-stats.js';
 import { BitmapError, RegionBitmap } from './journal/bitmap.js';
 import { Journal, type JournalRecovery } from './journal/journal.js';
 import { ActionError, type RoleChange, type SiteActions, type VerifyReport } from './admin/actions.js';
@@ -386,6 +387,7 @@ export class Site implements SiteActions {
   status() {
     return {
       site: this.config.site,
+      process: processStatus(),
       listen: this.nbdAddress,
       hostTls: this.config.listen.tls === 'off' ? null : { mode: this.config.listen.tls, ...this.nbd.tlsStats },
       mirror: this.sender && {
