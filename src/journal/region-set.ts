@@ -28,6 +28,24 @@ export function nextSetBit(bits: Uint8Array, from: number, limit: number): numbe
   return -1;
 }
 
+/** First clear bit at or after `from` and before `limit`, or -1 (full words skipped a word at a time). */
+export function nextClearBit(bits: Uint8Array, from: number, limit: number): number {
+  if (from < 0) from = 0;
+  for (let r = from; r < limit;) {
+    const k = r >>> 3;
+    if ((r & 7) === 0 && ((bits.byteOffset + k) & 3) === 0 && k + 4 <= bits.length) {
+      const word = new Uint32Array(bits.buffer, bits.byteOffset + k, 1)[0];
+      if (word === 0xffffffff) {
+        r += 32;
+        continue;
+      }
+    }
+    if ((bits[k] & (1 << (r & 7))) === 0) return r;
+    r++;
+  }
+  return -1;
+}
+
 /** Set bits among regions [first, first+n). */
 export function countBits(bits: Uint8Array, first: number, n: number): number {
   let c = 0;
@@ -108,6 +126,11 @@ export class RegionSet {
   /** First member at or after `from` (and before `limit`), or -1. */
   next(from: number, limit = this.regions): number {
     return nextSetBit(this.bits, from, Math.min(limit, this.regions));
+  }
+
+  /** First region at or after `from` that is not a member, or -1. */
+  nextAbsent(from: number): number {
+    return nextClearBit(this.bits, from, this.regions);
   }
 
   /** Members among regions [first, first+n). */
