@@ -11,6 +11,7 @@ import { Lun } from './lun/lun.js';
 import { catchup, protectionOf, protectionReason } from './lun/protection.js';
 import { LunRegistry } from './lun/registry.js';
 import { Heartbeat } from './health/heartbeat.js';
+import { processStatus } from './health/process-stats.js';
 import { BitmapError, RegionBitmap } from './journal/bitmap.js';
 import { Journal, type JournalRecovery } from './journal/journal.js';
 import { ActionError, type PromoteOptions, type RoleChange, type SiteActions, type VerifyReport } from './admin/actions.js';
@@ -430,7 +431,7 @@ export class Site implements SiteActions {
       version: VERSION,
       process: {
         pid: process.pid, uptimeSeconds: Math.round(process.uptime()), node: process.version,
-        rssBytes: mem.rss, heapUsedBytes: mem.heapUsed, heapTotalBytes: mem.heapTotal,
+        ...processStatus(), heapUsedBytes: mem.heapUsed, heapTotalBytes: mem.heapTotal,
         externalBytes: mem.external, arrayBuffersBytes: mem.arrayBuffers,
       },
       listen: this.nbdAddress,

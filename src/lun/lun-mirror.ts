@@ -14,9 +14,10 @@
 // Durability (docs/journal-format.md): the region bitmap is written before any mirrored change
 // lands locally, and cleared once the peer has everything for the region; so a crash of this
 // process at any moment leaves every possibly-unmirrored region marked.
-import crypto from 'node:crypto';
+import { setImmediate as yieldTurn } from 'node:timers/promises';
 import type { Logger } from '../log.js';
 import type { RegionBitmap } from '../journal/bitmap.js';
+import { RegionSet } from '../journal/region-set.js';
 import { JOURNAL_KIND, type Journal, type JournalEntry } from '../journal/journal.js';
 import { ENOTCONN, type MirrorOp } from '../mirror/peer-connection.js';
 import type { MirrorPool } from '../mirror/pool.js';
@@ -25,6 +26,7 @@ import {
 } from '../mirror/wire.js';
 import type { Backing } from '../storage/backing.js';
 import { hashRange } from '../storage/hash.js';
+import { CompareWalk, CompareWatch, TurnBudget, type CompareItem } from './catch-up-walk.js';
 import type { LunMeta } from './lun-meta.js';
 import { OverlapGate } from './overlap-gate.js';
 import { protectionOf, protectionReason } from './protection.js';
@@ -44,8 +46,16 @@ const REPLAY_WINDOW_BYTES = 8 * 1024 * 1024;
 const REPLAY_BATCH_BYTES = 2 * 1024 * 1024;
 const CLEAR_DELAY_MS = 2000;
 const RESYNC_WINDOW_BYTES = 16 * 1024 * 1024;
-/** Region comparisons (HASH requests) in flight during an initial sync. */
+/** Comparisons (HASH requests) in flight during an initial sync. */
 const COMPARE_PARALLEL = 16;
+/**
+ * Largest range compared as one: a range that is a hole here, or one still all to compare whose
+ * bytes fit a sixteenth of a second of the background rate (its bytes are taken from the rate
+ * at once, so progress stays smooth); where the two copies differ, its regions are compared next.
+ */
+const COMPARE_COARSE_BYTES = 64 * 1024 * 1024;
+/** Regions marked per event-loop turn when a full sync starts (a 1 TiB LUN has 16.7 M). */
+const MARK_SLICE_REGIONS = 1 << 20;
 
 class PendingOp implements MirrorOp {
   reqId = 0;
@@ -86,10 +96,9 @@ export class LunMirror {
   /** Initial sync / full compare: regions compared, found equal (not sent), and their bytes. */
   readonly sync = { compared: 0, equal: 0, equalBytes: 0 };
   /** Regions to compare with the peer's copy (by hash) before deciding to send them. */
-  readonly compareNeeded = new Set<number>();
-  /** Regions being compared, and those of them a write touched meanwhile (their verdict is void). */
-  private readonly watching = new Set<number>();
-  private readonly touched = new Set<number>();
+  readonly compareNeeded: RegionSet;
+  /** Ranges being compared; a write into one meanwhile voids its verdict. */
+  private readonly watching = new CompareWatch();
   /** The peer's generation from its last answer. */
   private peerCurrent = '';
   private offlineRotated = false;
@@ -110,7 +119,7 @@ export class LunMirror {
   /** Regions that became clearable, and when (cleared after CLEAR_DELAY_MS of quiet). */
   private readonly clearCandidates = new Map<number, number>();
   /** Regions whose copy on the peer is stale and must be resent from local data. */
-  readonly resyncNeeded = new Set<number>();
+  readonly resyncNeeded: RegionSet;
   private flushWaiters: { target: number; resolve: () => void }[] = [];
   private windowWaiters: (() => void)[] = [];
   private appendsInFlight = 0;
@@ -140,7 +149,10 @@ export class LunMirror {
     private readonly log: Logger,
     readonly meta: LunMeta,
     private readonly rate: RateLimiter,
-  ) {}
+  ) {
+    this.compareNeeded = new RegionSet(store.bitmap.regions);
+    this.resyncNeeded = new RegionSet(store.bitmap.regions);
+  }
 
   /** After recovery: continue numbering after the journal and resync every marked region. */
   recover(): void {
@@ -150,7 +162,7 @@ export class LunMirror {
     this.doneHigh = journal.maxSeq;
     this.replayAsResync = journal.records > 0;
     // An initial sync under way when we stopped: its regions are still to be compared, not sent blindly.
-    for (const r of bitmap.setRegions()) (this.meta.data.syncCompare ? this.compareNeeded : this.resyncNeeded).add(r);
+    bitmap.addSetTo(this.meta.data.syncCompare ? this.compareNeeded : this.resyncNeeded);
     if (journal.records || this.resyncNeeded.size) {
       this.transition('journaling', `recovered ${journal.records} journal records and ${this.resyncNeeded.size} dirty regions`);
     }
@@ -263,12 +275,15 @@ export class LunMirror {
   private async startFullSync(): Promise<void> {
     if (!this.meta.data.syncCompare) {
       this.log.info('full sync: every region is compared with the peer\'s copy and sent only where it differs', { lun: this.lun });
-      const marked = this.store.bitmap.mark(0, this.backing.size);
-      if (marked) await marked;
-      await this.store.bitmap.sync();
+      const bitmap = this.store.bitmap;
+      for (let r = 0; r < bitmap.regions; r += MARK_SLICE_REGIONS) {
+        await bitmap.markRegions(r, Math.min(MARK_SLICE_REGIONS, bitmap.regions - r));
+        await yieldTurn();
+      }
+      await bitmap.sync();
       await this.meta.update({ syncCompare: true });
     }
-    for (const r of this.store.bitmap.setRegions()) if (!this.resyncNeeded.has(r)) this.compareNeeded.add(r);
+    this.store.bitmap.addSetTo(this.compareNeeded, this.resyncNeeded);
   }
 
   /**
@@ -287,7 +302,7 @@ export class LunMirror {
 
   private noteTouched(pos: number, len: number): void {
     const [first, last] = this.store.bitmap.regionsOf(pos, len);
-    for (let r = first; r <= last; r++) if (this.watching.has(r)) this.touched.add(r);
+    this.watching.touch(first, last);
   }
 
   // ---- the host's write path ----------------------------------------------------------------
@@ -465,6 +480,37 @@ export class LunMirror {
   private clearable(r: number): boolean {
     return !this.pending.has(r) && !this.resyncNeeded.has(r) && !this.compareNeeded.has(r) && this.store.journal.records === 0
       && this.appendsInFlight === 0;
+  }
+
+  /**
+   * maybeClear() every set region not still to compare or resend, walking the bits: a full sync
+   * of a large LUN has millions set, all of them in compareNeeded.
+   */
+  private clearQuiet(): void {
+    const bitmap = this.store.bitmap;
+    const skip = (r: number, set: RegionSet) => (set.has(r) ? set.nextAbsent(r) : r);
+    for (let r = bitmap.nextSet(0); r >= 0;) {
+      const next = skip(skip(r, this.compareNeeded), this.resyncNeeded);
+      if (next < 0) return;
+      if (next !== r) {
+        r = bitmap.nextSet(next);
+        continue;
+      }
+      this.maybeClear(r);
+      r = bitmap.nextSet(r + 1);
+    }
+  }
+
+  /** clearable() for every region of [first, first+n), without a lookup per region where it can. */
+  private clearableRange(first: number, n: number): boolean {
+    if (this.store.journal.records !== 0 || this.appendsInFlight !== 0) return false;
+    if (this.resyncNeeded.countRange(first, n) !== 0 || this.compareNeeded.countRange(first, n) !== 0) return false;
+    if (this.pending.size < n) {
+      for (const r of this.pending.keys()) if (r >= first && r < first + n) return false;
+      return true;
+    }
+    for (let r = first; r < first + n; r++) if (this.pending.has(r)) return false;
+    return true;
   }
 
   private needResync(offset: number, length: number): void {
@@ -665,7 +711,7 @@ export class LunMirror {
     const target = this.nextSeq - 1;
     if ((await this.peerFlush()) === 0 && this.path === 'live' && journal.maxSeq <= target && this.appendsInFlight === 0) {
       await journal.reset();
-      for (const r of this.store.bitmap.setRegions()) this.maybeClear(r);
+      this.clearQuiet();
     }
     return lastSent;
   }
@@ -679,22 +725,22 @@ export class LunMirror {
     }
     if (this.compareNeeded.size > 0) await this.compare();
     if (!this.linkUp || this.path !== 'live') return;
-    const regions = [...this.resyncNeeded].sort((a, b) => a - b);
-    this.transition('resyncing', `${regions.length} regions to copy from local data (the secondary is inconsistent until done)`);
-    this.progress.resyncTotal = regions.length;
+    const todo = this.resyncNeeded;
+    this.transition('resyncing', `${todo.size} regions to copy from local data (the secondary is inconsistent until done)`);
+    this.progress.resyncTotal = todo.size;
     this.progress.resyncDone = 0;
     this.progress.startedMs = Date.now();
     const size = this.store.bitmap.regionSize;
-    for (const r of regions) {
+    const turn = new TurnBudget();
+    let sent = 0;
+    // In region order, straight from the set's bits: regions added ahead of the walk go in this pass.
+    for (let r = todo.next(0); r >= 0; r = todo.next(r + 1)) {
       if (!this.linkUp || this.path !== 'live') return;
-      if (!this.resyncNeeded.has(r)) {
-        this.progress.resyncDone++;
-        continue;
-      }
       while (this.inflightBytes >= RESYNC_WINDOW_BYTES) {
         await this.sleep();
         if (!this.linkUp || this.path !== 'live') return;
       }
+      if (!todo.has(r)) continue;
       const start = r * size;
       const len = Math.min(size, this.backing.size - start);
       await this.rate.take(len);
@@ -715,36 +761,50 @@ export class LunMirror {
         this.track(op);
         this.pool.send(op);
         this.doneHigh = seq;
+        if (++sent > this.progress.resyncTotal) this.progress.resyncTotal = sent;
         this.logProgress('resync', this.progress.resyncDone, this.progress.resyncTotal);
       } finally {
         this.gate.leave(token);
       }
+      await turn.yield();
     }
     while (this.linkUp && this.path === 'live' && this.inflight > 0 && this.resyncNeeded.size > 0) await this.sleep();
   }
 
   /**
-   * Initial sync / full compare: hash each region here and on the peer (pipelined, rate-limited);
-   * regions that differ, or that a write touched while they were compared, are resent by resync().
+   * Initial sync / full compare: hash ranges here and on the peer (pipelined, rate-limited),
+   * large ranges first (holes here in 64 MiB ranges, at no rate cost), then the regions of those
+   * that differ; regions that differ, or that a write touched while they were compared, are
+   * resent by resync(). The work list is the compareNeeded bits, walked in order.
    */
   private async compare(): Promise<void> {
-    const regions = [...this.compareNeeded].sort((a, b) => a - b);
-    this.transition('syncing', `comparing ${regions.length} regions with the peer's copy (the secondary is inconsistent until done)`);
-    this.progress.syncTotal = regions.length;
+    const todo = this.compareNeeded;
+    this.transition('syncing', `comparing ${todo.size} regions with the peer's copy (the secondary is inconsistent until done)`);
+    this.progress.syncTotal = todo.size;
     this.progress.syncDone = 0;
     this.progress.startedMs = Date.now();
+    const rs = this.store.bitmap.regionSize;
+    const holeRegions = Math.max(1, Math.floor(COMPARE_COARSE_BYTES / rs));
+    const fit = Math.max(1, Math.floor(Math.min(COMPARE_COARSE_BYTES, this.rate.bytesPerSec / 16) / rs));
+    const dataRegions = 2 ** Math.floor(Math.log2(fit));
+    const walk = new CompareWalk(todo, { regions: todo.regions, holeRegions, dataRegions, isHole: (f, n) => this.allHole(f, n) });
+    const turn = new TurnBudget();
     const inflight = new Set<Promise<void>>();
-    for (const r of regions) {
+    for (;;) {
       if (!this.linkUp || this.path !== 'live') break;
-      if (!this.compareNeeded.has(r)) {
-        this.progress.syncDone++;
+      const item = walk.next();
+      if (!item) {
+        if (inflight.size === 0) break;
+        await Promise.race(inflight);   // one may descend: its regions come next
         continue;
       }
-      await this.rate.take(this.store.bitmap.regionSize);
+      // Holes here cost no disk or link bandwidth: only ranges with data are rate-limited.
+      if (!this.allHole(item.first, item.n)) await this.rate.take(this.rangeBytes(item));
       while (inflight.size >= COMPARE_PARALLEL) await Promise.race(inflight);
-      const p: Promise<void> = this.compareRegion(r).finally(() => inflight.delete(p));
+      const p: Promise<void> = this.compareRegion(item, walk).finally(() => inflight.delete(p));
       inflight.add(p);
       this.logProgress('sync', this.progress.syncDone, this.progress.syncTotal);
+      await turn.yield();
     }
     await Promise.all(inflight);
     if (this.compareNeeded.size === 0 && this.meta.data.syncCompare) {
@@ -752,40 +812,62 @@ export class LunMirror {
     }
   }
 
-  private async compareRegion(r: number): Promise<void> {
-    const size = this.store.bitmap.regionSize;
-    const start = r * size;
-    const len = Math.min(size, this.backing.size - start);
-    this.watching.add(r);
-    this.touched.delete(r);
+  /** Compare one item; equal: its regions are done; else descend into it, or (one region) resend it. */
+  private async compareRegion(item: CompareItem, walk: CompareWalk): Promise<void> {
+    const { first, n } = item;
+    const start = first * this.store.bitmap.regionSize;
+    const len = this.rangeBytes(item);
+    const watch = this.watching.watch(first, n);
     try {
-      const data = Buffer.allocUnsafe(len);
+      let local: Buffer;
       let dep: number;
       const token = await this.gate.enter(start, len);
       try {
-        await this.backing.read(data, start);
-        dep = this.doneHigh;   // every write this region has seen completed locally, so is <= dep
+        local = await hashRange(this.backing, start, len);
+        dep = this.doneHigh;   // every write this range has seen completed locally, so is <= dep
       } finally {
         this.gate.leave(token);
       }
-      const local = crypto.createHash('sha256').update(data).digest();
       const remote = await this.hashPeer(start, len, dep);
-      if (!remote) return;   // the link failed: the region stays to compare
-      this.compareNeeded.delete(r);
-      this.sync.compared++;
-      this.progress.syncDone++;
-      if (remote.equals(local) && !this.touched.has(r)) {
-        this.sync.equal++;
+      if (!remote) return;   // the link failed: the range stays to compare
+      const equal = remote.equals(local) && !watch.touched;
+      if (!equal && n > 1) return walk.descend(item);
+      this.compareNeeded.deleteRange(first, n);
+      this.sync.compared += n;
+      this.progress.syncDone += n;
+      if (equal) {
+        this.sync.equal += n;
         this.sync.equalBytes += len;
         // No write behind it: clear at once (persisted on the next tick), so a restart resumes here.
-        if (this.clearable(r)) this.store.bitmap.clear(r);
+        this.clearCompared(first, n);
       } else {
-        this.resyncNeeded.add(r);
+        this.resyncNeeded.add(first);
       }
     } finally {
-      this.watching.delete(r);
-      this.touched.delete(r);
+      this.watching.unwatch(watch);
     }
+  }
+
+  /** Bytes of regions [first, first+n) (the last region may be short). */
+  private rangeBytes(item: CompareItem): number {
+    const rs = this.store.bitmap.regionSize;
+    return Math.min(item.n * rs, this.backing.size - item.first * rs);
+  }
+
+  /** True if regions [first, first+n) are all hole here (a block device cannot tell: never). */
+  private allHole(first: number, n: number): boolean {
+    if (this.backing.isBlockDevice) return false;
+    const start = first * this.store.bitmap.regionSize;
+    const len = this.rangeBytes({ first, n });
+    const [e] = this.backing.extents(start, len, 1);
+    return e !== undefined && e.hole && e.length >= len;
+  }
+
+  /** Clear the bits of regions compared equal: in one bulk step when none of them has anything behind it. */
+  private clearCompared(first: number, n: number): void {
+    const bitmap = this.store.bitmap;
+    if (n > 1 && this.clearableRange(first, n)) return bitmap.clearRegions(first, n);
+    for (let r = first; r < first + n; r++) if (this.clearable(r)) bitmap.clear(r);
   }
 
   /** SHA-256 of the peer's copy of a range once everything up to `dep` is applied there; null if the link failed. */
