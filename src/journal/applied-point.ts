@@ -20,7 +20,9 @@ const SIZE = 64;
 // magic 8 | version u16 | pad u16 | instance 8 | prefix u64 | durable u64 | bootId 16 | pad 8 | crc u32 at 60
 const NO_INSTANCE = Buffer.alloc(8);
 
-function readBootId(): Buffer {
+/** This boot's id (`override`: a test seam that stands for a reboot, 32 hex digits). */
+function readBootId(override?: string): Buffer {
+  if (override && /^[0-9a-f]{32}$/i.test(override)) return Buffer.from(override, 'hex');
   try {
     return Buffer.from(fs.readFileSync('/proc/sys/kernel/random/boot_id', 'latin1').trim().replace(/-/g, ''), 'hex').subarray(0, 16);
   } catch {
@@ -32,9 +34,14 @@ export class AppliedPoint {
   /** The primary run (its instance id) the point belongs to, or null: none recorded. */
   instance: Buffer | null = null;
   prefix = 0;
+  /**
+   * Restored after a reboot from a point that had applied more than it had flushed: the requests
+   * above `prefix` were answered but may be lost. The primary must be told (it resends them).
+   */
+  lostAbove = false;
   private durable = 0;
   private readonly buf = Buffer.alloc(SIZE);
-  private readonly bootId = readBootId();
+  private readonly bootId = readBootId(process.env.NBD_MIRROR_TEST_BOOT_ID);
   private closed = false;
 
   private constructor(private readonly fd: number, readonly file: string) {}
@@ -61,6 +68,7 @@ export class AppliedPoint {
     p.instance = Buffer.from(instance);
     p.prefix = sameBoot ? prefix : durable;
     p.durable = durable;
+    p.lostAbove = !sameBoot && prefix > durable;
     return p;
   }
 

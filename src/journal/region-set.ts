@@ -118,6 +118,27 @@ export class RegionSet {
     }
   }
 
+  /** Add regions [first, first+n). */
+  addRange(first: number, n: number): void {
+    if (n <= 0) return;
+    this.check(first);
+    this.check(first + n - 1);
+    for (let r = first; r < first + n; r++) {
+      if ((r & 7) === 0 && r + 8 <= first + n) {
+        this.count += 8 - popcount8(this.bits[r >>> 3]);
+        this.bits[r >>> 3] = 0xff;
+        r += 7;
+      } else {
+        this.add(r);
+      }
+    }
+  }
+
+  /** Add every member of `other` (a set over as many regions). */
+  addSet(other: RegionSet): void {
+    this.addBits(other.bits);
+  }
+
   clear(): void {
     this.bits.fill(0);
     this.count = 0;

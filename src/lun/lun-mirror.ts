@@ -27,6 +27,7 @@ import {
 import type { Backing } from '../storage/backing.js';
 import { hashRange } from '../storage/hash.js';
 import { CompareWalk, CompareWatch, TurnBudget, type CompareItem } from './catch-up-walk.js';
+import { FlushedClears } from './flushed-clears.js';
 import type { LunMeta } from './lun-meta.js';
 import { OverlapGate } from './overlap-gate.js';
 import { protectionOf, protectionReason } from './protection.js';
@@ -118,6 +119,8 @@ export class LunMirror {
   private readonly pending = new Map<number, number>();
   /** Regions that became clearable, and when (cleared after CLEAR_DELAY_MS of quiet). */
   private readonly clearCandidates = new Map<number, number>();
+  /** Clean regions waiting for a peer FLUSH before their bits go. */
+  private readonly clears: FlushedClears;
   /** Regions whose copy on the peer is stale and must be resent from local data. */
   readonly resyncNeeded: RegionSet;
   private flushWaiters: { target: number; resolve: () => void }[] = [];
@@ -152,6 +155,7 @@ export class LunMirror {
   ) {
     this.compareNeeded = new RegionSet(store.bitmap.regions);
     this.resyncNeeded = new RegionSet(store.bitmap.regions);
+    this.clears = new FlushedClears(store.bitmap.regions);
   }
 
   /** After recovery: continue numbering after the journal and resync every marked region. */
@@ -222,6 +226,7 @@ export class LunMirror {
     }
     this.peerCurrent = answer.current;
     this.linkUp = true;
+    if (answer.applied < this.ackedPrefix) this.peerLostWrites(answer.applied);
     this.resumeAfter(answer.applied);
     if (this.meta.data.splitBrain) {
       this.log.warn('split brain resolved: the peer accepted this LUN again', { lun: this.lun });
@@ -243,6 +248,20 @@ export class LunMirror {
     }
     this.ackedPrefix = applied;
     while (this.answered.delete(this.ackedPrefix + 1)) this.tracked.delete(++this.ackedPrefix);
+  }
+
+  /**
+   * The peer answered less than it had acknowledged: it rebooted and lost what it had not flushed
+   * (requests after `applied`). Those are behind bits still set (a bit goes only after a peer
+   * FLUSH, flushed-clears.ts): every marked region is resent as a resync, the peer inconsistent until done.
+   */
+  private peerLostWrites(applied: number): void {
+    this.log.warn('the peer lost writes it had acknowledged (a reboot before its flush): every marked region is resynced', {
+      lun: this.lun, peerApplied: applied, acknowledged: this.ackedPrefix, regions: this.store.bitmap.count,
+    });
+    this.store.bitmap.addSetTo(this.meta.data.syncCompare ? this.compareNeeded : this.resyncNeeded);
+    this.replayAsResync = true;
+    this.genNeeded = true;
   }
 
   /** Start the catch-up worker, or have the running one start over when it ends. */
@@ -577,13 +596,14 @@ export class LunMirror {
   private async overflow(reason: string): Promise<void> {
     if (this.path === 'bitmap') return;
     this.path = 'bitmap';
-    for (const r of this.store.bitmap.setRegions()) this.resyncNeeded.add(r);
+    this.store.bitmap.addSetTo(this.resyncNeeded);
     this.log.warn('LUN journal collapsed into the dirty bitmap', { lun: this.lun, reason, regions: this.resyncNeeded.size });
     if (this.state === 'journaling') {
       this.transition('journaling', `${reason}: changes are tracked in the dirty bitmap and resynced after reconnect (the secondary is inconsistent during that resync)`);
     }
     await this.appendsSettled();
-    for (const r of this.store.bitmap.setRegions()) this.resyncNeeded.add(r);
+    // Appends that were in flight marked their regions meanwhile.
+    this.store.bitmap.addSetTo(this.resyncNeeded);
     await this.store.journal.reset();
     await this.store.bitmap.sync();
     // The dropped records' sequence numbers will never be answered: the resync stands for them
@@ -838,8 +858,8 @@ export class LunMirror {
       if (equal) {
         this.sync.equal += n;
         this.sync.equalBytes += len;
-        // No write behind it: clear at once (persisted on the next tick), so a restart resumes here.
-        this.clearCompared(first, n);
+        // No write behind it: cleared after the next peer FLUSH (see persistClears), so a restart resumes here.
+        this.clears.addRange(first, n);
       } else {
         this.resyncNeeded.add(first);
       }
@@ -863,8 +883,8 @@ export class LunMirror {
     return e !== undefined && e.hole && e.length >= len;
   }
 
-  /** Clear the bits of regions compared equal: in one bulk step when none of them has anything behind it. */
-  private clearCompared(first: number, n: number): void {
+  /** Clear the bits of clean regions: in one bulk step when none of them has anything behind it. */
+  private clearClean(first: number, n: number): void {
     const bitmap = this.store.bitmap;
     if (n > 1 && this.clearableRange(first, n)) return bitmap.clearRegions(first, n);
     for (let r = first; r < first + n; r++) if (this.clearable(r)) bitmap.clear(r);
@@ -999,7 +1019,12 @@ export class LunMirror {
     for (const [r, at] of this.clearCandidates) {
       if (at > before) continue;
       this.clearCandidates.delete(r);
-      if (this.clearable(r)) this.store.bitmap.clear(r);
+      this.clears.add(r);
+    }
+    // The bits go only after a peer FLUSH that covers their writes (flushed-clears.ts).
+    if (this.clears.waiting > 0 && this.path === 'live' && this.linkUp) {
+      this.clears.round(async () => this.path === 'live' && this.linkUp && (await this.peerFlush()) === 0, (first, n) => this.clearClean(first, n))
+        .catch((err: Error) => this.log.error('bitmap clear failed', { lun: this.lun, error: err.message }));
     }
     return this.store.bitmap.flushDirty();
   }

@@ -34,6 +34,11 @@ export interface SecondaryState {
   losingConsistency: Promise<void> | null;
   /** How the last pairing catches up, and why. */
   pairing: { sync: 'incremental' | 'full'; reason: string } | null;
+  /**
+   * Restored after a reboot that may have lost answered requests above this point (it was not
+   * flushed beyond it): pairings answer it, not the skip-ahead, until the primary sends again.
+   */
+  lostAbove: number | null;
 }
 
 interface Target { lun: Lun; state: SecondaryState; size: number }
@@ -75,11 +80,17 @@ export class MirrorReceiver {
     if (!s) {
       s = {
         order: new ApplyOrder(), feeder: null, connections: 0, applied: { ops: 0, bytes: 0, flushes: 0, errors: 0 },
-        losingConsistency: null, pairing: null,
+        losingConsistency: null, pairing: null, lostAbove: null,
       };
       // A restarted secondary knows which run it followed and how far: it never applies that again.
       const point = this.luns.get(lun)?.applied;
       if (point?.instance) s.order.restore(point.instance, point.prefix);
+      if (point?.instance && point.lostAbove) {
+        s.lostAbove = point.prefix;
+        this.log.warn('restarted after a reboot: requests answered after the last flush may be lost; the primary resends them', {
+          lun, durableUpTo: point.prefix,
+        });
+      }
       this.secondaries.set(lun, s);
     }
     return s;
@@ -182,12 +193,15 @@ export class MirrorReceiver {
     const changed = this.loggedPairing.get(lun.name) !== key;
     this.loggedPairing.set(lun.name, key);
     state.feeder = site;
+    // The run we followed before a reboot that lost answered requests: say how far we really got.
+    const lost = state.lostAbove !== null && state.order.instance?.equals(offer.instance) ? state.lostAbove : null;
     state.order.resume(offer.instance, offer.nextSeq);
-    lun.applied?.record(state.order.instance!, state.order.appliedPrefix);
+    // (Not while the loss is untold: a restart must still see the point of the reboot.)
+    if (lost === null) lun.applied?.record(state.order.instance!, state.order.appliedPrefix);
     state.pairing = { sync, reason: verdict.reason };
     targets.set(offer.id, { lun, state, size: offer.size });
     if (changed) this.log.info('mirror LUN paired', { lun: lun.name, from: site, sync, reason: verdict.reason });
-    return answer(PAIR.OK, verdict.sync, Math.max(0, state.order.appliedPrefix));
+    return answer(PAIR.OK, verdict.sync, Math.max(0, lost ?? state.order.appliedPrefix));
   }
 
   /**
@@ -284,6 +298,8 @@ class ReceiverConnection implements FrameSink {
   private async apply(h: MirrorRequestHeader, payload: Buffer | null, t: Target): Promise<void> {
     const { order, applied } = t.state;
     const backing = t.lun.backing;
+    // The primary sends again: it has had our answer with the lost point.
+    t.state.lostAbove = null;
     try {
       if (h.type === MIRROR_OP.FLUSH) {
         const instance = order.instance;

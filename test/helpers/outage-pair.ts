@@ -173,9 +173,9 @@ export class OutagePair {
     await site.stop();
   }
 
-  /** Start a site again with the same configuration (ports, dataDir, LUNs). */
-  async restart(which: 'a' | 'b'): Promise<Site> {
-    const site = await startSite(this.inputs[which]);
+  /** Start a site again with the same configuration (ports, dataDir, LUNs); `env` for its process. */
+  async restart(which: 'a' | 'b', env?: NodeJS.ProcessEnv): Promise<Site> {
+    const site = await startSite(this.inputs[which], env ? { env } : {});
     this[which] = site;
     this.history[which].push(site);
     return site;
