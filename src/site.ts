@@ -17,7 +17,7 @@ import { Journal, type JournalRecovery } from './journal/journal.js';
 import { ActionError, type PromoteOptions, type RoleChange, type SiteActions, type VerifyReport } from './admin/actions.js';
 import { AppliedPoint } from './journal/applied-point.js';
 import { UndoLog } from './journal/undo-log.js';
-import { LunMeta, NO_GENERATION } from './lun/lun-meta.js';
+import { LunMeta, newGeneration, NO_GENERATION } from './lun/lun-meta.js';
 import { MirrorReceiver } from './mirror/receiver.js';
 import { MirrorSender } from './mirror/sender.js';
 import { NbdServer } from './nbd/server.js';
@@ -191,7 +191,9 @@ export class Site implements SiteActions {
     lun.applied?.clear();
     const base = meta.current;
     await meta.rotate();
-    await meta.update({ role: 'primary', peerBase: base === NO_GENERATION ? '' : base, syncCompare: false, localChanges: false, discardPeer: false });
+    await meta.update({
+      role: 'primary', peerBase: base === NO_GENERATION ? '' : base, syncCompare: false, localChanges: false, discardPeer: false, copyId: newGeneration(),
+    });
     const configured = this.config.luns.find((l) => l.name === name);
     lun.spec.role = 'primary';
     lun.spec.mirror = configured?.role === 'primary' && configured.mirror !== 'none' ? configured.mirror : 'sync';
@@ -224,7 +226,9 @@ export class Site implements SiteActions {
       lun.mirror = null;
     }
     if (unsent) notes.push('this site had writes the peer may lack: they are overwritten by a full compare with the new primary');
-    await meta.update({ role: 'secondary', localChanges: unsent || meta.data.localChanges, consistent: true, syncCompare: false, discardPeer: false });
+    await meta.update({
+      role: 'secondary', localChanges: unsent || meta.data.localChanges, consistent: true, syncCompare: false, discardPeer: false, copyId: newGeneration(),
+    });
     lun.spec.role = 'secondary';
     lun.spec.mirror = 'none';
     await this.openUndo(lun);

@@ -38,6 +38,13 @@ export interface LunMetaData {
   peerBase: string;
   /** Primary: the bits of the bitmap are regions to compare first (an initial sync under way). */
   syncCompare: boolean;
+  /** Primary: the peer's copy that compare runs against (a different copy starts it over). */
+  syncPeerCopy?: string;
+  /**
+   * This copy's identity, told to the primary in the pairing answer: new when the metadata is
+   * created and at every promote or demote (the copy then changes by other means than mirroring).
+   */
+  copyId?: string;
   /**
    * When this copy was promoted although it had never completed an initial sync (forced): its
    * data is no state of the old primary, and status says so from then on. Absent/null: never.
@@ -64,9 +71,12 @@ export class LunMeta {
       // A new primary starts a history; a new secondary has no copy of anything yet.
       current: configuredRole === 'primary' ? newGeneration() : NO_GENERATION,
       history: [], consistent: true, localChanges: false, splitBrain: null, discardPeer: false,
-      peerBase: '', syncCompare: false, updatedMs: Date.now(),
+      peerBase: '', syncCompare: false, copyId: newGeneration(), updatedMs: Date.now(),
     });
-    if (!data) await meta.save();
+    if (!data || !data.copyId) {
+      meta.data.copyId ??= newGeneration();
+      await meta.save();
+    }
     return meta;
   }
 

@@ -232,7 +232,7 @@ export class LunMirror {
       this.log.warn('split brain resolved: the peer accepted this LUN again', { lun: this.lun });
       this.meta.update({ splitBrain: null }).catch((err: Error) => this.metaFailed(err));
     }
-    if (answer.sync === SYNC.FULL) this.startFullSync().then(() => this.kick(), (err: Error) => this.metaFailed(err));
+    if (answer.sync === SYNC.FULL) this.startFullSync(answer.copy).then(() => this.kick(), (err: Error) => this.metaFailed(err));
     else this.kick();
   }
 
@@ -290,9 +290,17 @@ export class LunMirror {
     this.pool.disconnect(`LUN ${this.lun}: metadata not saved`);
   }
 
-  /** Every region is to be compared with the peer's copy (persisted, so a restart resumes it). */
-  private async startFullSync(): Promise<void> {
-    if (!this.meta.data.syncCompare) {
+  /**
+   * Every region is to be compared with the peer's copy `peerCopy` (persisted, so a restart
+   * resumes it). The progress of an interrupted compare holds only for that same copy: another
+   * one (a replaced secondary, a fresh dataDir) is compared whole again.
+   */
+  private async startFullSync(peerCopy: string): Promise<void> {
+    const d = this.meta.data;
+    if (!d.syncCompare || d.syncPeerCopy !== peerCopy) {
+      if (d.syncCompare) {
+        this.log.warn('full sync: the peer\'s copy is not the one the interrupted compare ran against: it starts over', { lun: this.lun });
+      }
       this.log.info('full sync: every region is compared with the peer\'s copy and sent only where it differs', { lun: this.lun });
       const bitmap = this.store.bitmap;
       for (let r = 0; r < bitmap.regions; r += MARK_SLICE_REGIONS) {
@@ -300,7 +308,7 @@ export class LunMirror {
         await yieldTurn();
       }
       await bitmap.sync();
-      await this.meta.update({ syncCompare: true });
+      await this.meta.update({ syncCompare: true, syncPeerCopy: peerCopy });
     }
     this.store.bitmap.addSetTo(this.compareNeeded, this.resyncNeeded);
   }

@@ -157,7 +157,7 @@ export class MirrorReceiver {
   private async pair(offer: LunOffer, site: string, targets: Map<number, Target>): Promise<LunAnswer> {
     const lun = this.luns.get(offer.name);
     const answer = (status: number, sync: number = SYNC.INCREMENTAL, applied = 0): LunAnswer => ({
-      id: offer.id, status, size: lun?.size ?? 0, sync, current: lun?.meta?.current ?? '', applied,
+      id: offer.id, status, size: lun?.size ?? 0, sync, current: lun?.meta?.current ?? '', applied, copy: lun?.meta?.data.copyId ?? '',
     });
     const refuse = (status: number, reason = PAIR_REASON[status]): LunAnswer => {
       this.log.warn('mirror LUN refused', { lun: offer.name, from: site, status, reason });

@@ -4,7 +4,8 @@ import lo from 'buffer-layout';
 import { readU64, writeU64 } from '../net/u64.js';
 
 // 3: an answer carries the secondary's applied point (where the primary resumes).
-export const PROTOCOL_VERSION = 3;
+// 4: and the identity of the secondary's copy (an interrupted initial sync resumes only on the same copy).
+export const PROTOCOL_VERSION = 4;
 export const HELLO_MAGIC = Buffer.from('NBDMIRR1', 'latin1');
 export const REQUEST_MAGIC = 0x4d525251;   // "MRRQ"
 export const REPLY_MAGIC = 0x4d525250;     // "MRRP"
@@ -60,8 +61,8 @@ const offerEntry = lo.struct<{
   lo.u16be('id'), lo.nu64be('size'), lo.blob(8, 'instance'), lo.nu64be('nextSeq'), lo.blob(8, 'current'), lo.blob(8, 'peerBase'),
   lo.u16be('flags'), lo.u8('historyLen'), lo.u16be('nameLen'),
 ]);
-const answerEntry = lo.struct<{ id: number; status: number; size: number; sync: number; current: Buffer; applied: number }>([
-  lo.u16be('id'), lo.u16be('status'), lo.nu64be('size'), lo.u8('sync'), lo.blob(8, 'current'), lo.nu64be('applied'),
+const answerEntry = lo.struct<{ id: number; status: number; size: number; sync: number; current: Buffer; applied: number; copy: Buffer }>([
+  lo.u16be('id'), lo.u16be('status'), lo.nu64be('size'), lo.u8('sync'), lo.blob(8, 'current'), lo.nu64be('applied'), lo.blob(8, 'copy'),
 ]);
 export const MAX_HISTORY = 16;
 /** Offer flags. FORCE: `resolve --discard-remote` was run here: the peer must take our data. */
@@ -85,9 +86,10 @@ export interface Lineage {
 export interface LunOffer { id: number; name: string; size: number; instance: Buffer; nextSeq: number; lineage: Lineage; flags: number }
 /**
  * The receiver's verdict on one offered LUN; `sync` says how to catch up, `current` is its
- * generation, `applied` the offered run's sequence number up to which it has applied everything.
+ * generation, `applied` the offered run's sequence number up to which it has applied everything,
+ * `copy` the identity of its copy (new when the copy is created, promoted or demoted).
  */
-export interface LunAnswer { id: number; status: number; size: number; sync: number; current: string; applied: number }
+export interface LunAnswer { id: number; status: number; size: number; sync: number; current: string; applied: number; copy: string }
 
 const ZERO_GEN = '0000000000000000';
 const gen = (hex: string): Buffer => Buffer.from(hex || ZERO_GEN, 'hex');
@@ -126,7 +128,7 @@ export function encodeHello(h: Omit<Hello, 'version'>): Buffer {
   } else {
     for (const a of h.answers) {
       const e = Buffer.alloc(answerEntry.span);
-      answerEntry.encode({ id: a.id, status: a.status, size: a.size, sync: a.sync, current: gen(a.current), applied: a.applied }, e);
+      answerEntry.encode({ id: a.id, status: a.status, size: a.size, sync: a.sync, current: gen(a.current), applied: a.applied, copy: gen(a.copy) }, e);
       parts.push(e);
     }
   }
@@ -176,7 +178,7 @@ export function decodeHello(body: Buffer): Hello {
       need(at, answerEntry.span);
       const a = answerEntry.decode(body, at);
       if (!Number.isSafeInteger(a.applied)) throw new HelloError('applied point beyond 2^53');
-      answers.push({ id: a.id, status: a.status, size: a.size, sync: a.sync, current: a.current.toString('hex'), applied: a.applied });
+      answers.push({ id: a.id, status: a.status, size: a.size, sync: a.sync, current: a.current.toString('hex'), applied: a.applied, copy: a.copy.toString('hex') });
       at += answerEntry.span;
     }
   }

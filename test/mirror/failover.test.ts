@@ -239,6 +239,19 @@ describe('mirror: failover and consistency (real sites)', function () {
       return l.state === 'secondary-uptodate' && l.generation?.consistent === true && (l.undoRegions ?? 0) === 0 && l;
     }, { timeoutMs: 30_000 });
     expect(b, 'b consistent after the repair').to.not.equal(false);
+    // An unrelated reload (a second mirrored LUN added on a renegotiates the whole session) re-pairs
+    // lun0: the repaired copy must pair as up to date, with no compare and no resync.
+    const comparedBefore = (await lunOf(p.a)).sync?.compared ?? 0;
+    const fileA1 = await sparseFile(dir.join('a1.img'), 4 * MiB);
+    const from = p.a.logs.length;
+    await fs.writeFile(p.a.configPath, JSON.stringify({ ...p.a.config, luns: [...p.a.config.luns, { name: 'lun1', path: fileA1, role: 'primary', mirror: 'sync' }] }, null, 2));
+    p.a.proc.kill('SIGHUP');
+    await pollUntil(() => p.a.logs.slice(from).some((l) => l.includes('"message":"mirror link up"')), { timeoutMs: 20_000, intervalMs: 20, what: 'a renegotiated after the reload' });
+    const again = await waitState(p.a, ['uptodate'], 'lun0 up to date after the reload');
+    const lun0States = p.a.logs.slice(from).filter((l) => l.includes('"message":"LUN mirror state"') && l.includes('"lun":"lun0"'));
+    expect(p.a.logs.slice(from).some((l) => l.includes('"message":"reloaded"')), 'a reloaded').to.equal(true);
+    expect(lun0States.filter((l) => /"to":"(syncing|resyncing)"/.test(l)), 'lun0 compared or resynced after the reload').to.deep.equal([]);
+    expect(again.sync?.compared ?? 0, 'regions compared after the reload').to.equal(comparedBefore);
     const promoted = await action(p.b, 'promote', '?force=1');
     expect(promoted.status, JSON.stringify(promoted.body)).to.equal(200);
     expect(JSON.stringify(promoted.body)).to.not.include('rolled back');
