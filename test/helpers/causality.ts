@@ -55,8 +55,8 @@ export interface CausalWriter {
   result: Promise<CausalRun>;
   /** Completed FLUSHes, with the local time their reply was seen. */
   flushes: FlushEvent[];
-  /** Issue a FLUSH now; resolves with its completion (or never, if it gets no reply). */
-  flush(): Promise<FlushEvent>;
+  /** Issue a FLUSH now: `issued` once the writer has sent it, `done` at its reply (never, without one). */
+  flush(): { issued: Promise<number>; done: Promise<FlushEvent> };
   /** Close stdin: the writer drains what is in flight, prints its result and exits. */
   stop(): Promise<CausalRun>;
   kill(): Promise<void>;
@@ -134,14 +134,14 @@ export async function startCausalWriter(uri: string, opts: CausalWriterOptions =
   });
   return {
     proc, result, flushes, stderr,
-    flush: async () => {
-      const n = await new Promise<number>((resolve) => {
+    flush: () => {
+      const issued = new Promise<number>((resolve) => {
         forcedWaiters.push(resolve);
         proc.stdin!.write('flush\n');
       });
-      const done = flushes.find((f) => f.n === n);
-      if (done) return done;
-      return new Promise<FlushEvent>((resolve) => flushWaiters.set(n, resolve));
+      const done = issued.then((n) => flushes.find((f) => f.n === n)
+        ?? new Promise<FlushEvent>((resolve) => flushWaiters.set(n, resolve)));
+      return { issued, done };
     },
     stop: () => { proc.stdin!.end(); return result; },
     kill: async () => {
