@@ -123,8 +123,11 @@ def main():
     def retire():
         nonlocal ev, pending_writes, pending_flushes, max_latency, max_flush
         for c, h in enumerate(handles):
-            while True:
-                cookie = h.aio_peek_command_completed()
+            while h.aio_in_flight() > 0 or any(k[0] == c for k in pending):
+                try:
+                    cookie = h.aio_peek_command_completed()
+                except nbd.Error:
+                    break   # nothing completed (libnbd raises when none is in flight)
                 if cookie <= 0:
                     break
                 kind, idx, issued_at = pending.pop((c, cookie))

@@ -139,9 +139,13 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
 
   // ---- a. end of a journal replay, start of live mirroring ------------------------------------
 
+  // A replay that loops keeps journaling new writes: the rate and the journal cap bound the disk used.
+  const REPLAY_MIRROR = { syncRateBytes: 64 * MiB, journal: { maxBytes: 256 * MiB } };
+  const REPLAY_WRITE_RATE = 2000;
+
   for (const mode of ['sync', 'async'] as const) {
     it(`${mode}: SIGKILL of the secondary at the end of a journal replay (+0..300 ms): causality at the kill and after the restart, the replay converges${mode === 'sync' ? ', every acked write present' : ''}`, async function () {
-      let rig = await newRig(mode, { syncRateBytes: 64 * MiB });
+      let rig = await newRig(mode, REPLAY_MIRROR);
       const failures: string[] = [];
       const stats = { iterations: 0, checkedAtKill: 0, stillReplaying: 0, replacedPairs: 0, maxConvergeMs: 0 };
       for (let it = 0; it < ITERATIONS; it++) {
@@ -150,7 +154,7 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
         const records = 300 + Math.floor(rand() * 1200);
         const tag = `iteration ${it} (journal ${records} records, kill ${extraMs} ms after "journal replayed")`;
         try {
-          const w = await rig.startWriter();
+          const w = await rig.startWriter(REPLAY_WRITE_RATE);
           const base = (await pair.lun()).counters.writeOps;
           await pair.waitLun((l) => l.counters.writeOps >= base + 100, 'live writes before the cut');
           pair.cut();
@@ -186,7 +190,7 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
           rig.writer = null;
           // The pair may be stuck (a replay that loops): start over on a new one.
           await rig.pair.stop().catch(() => undefined);
-          rig = await newRig(mode, { syncRateBytes: 64 * MiB });
+          rig = await newRig(mode, REPLAY_MIRROR);
           stats.replacedPairs++;
         }
       }
