@@ -248,23 +248,27 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
       }
     }
     // Leave with a synced secondary, and check it.
-    await pair.kill('b');
-    await rig.wipeB();
-    await pair.restart('b');
-    await pair.waitConverged(CONVERGE_MS);
-    const final = checkCausality(await decodeCopy(pair.files.b), [filled], { upToDate: true });
-    expect(final.violations, `the copy after a complete initial sync (${describeReport(final)})`).to.deep.equal([]);
+    try {
+      await pair.kill('b');
+      await rig.wipeB();
+      await pair.restart('b');
+      await pair.waitConverged(CONVERGE_MS);
+      const final = checkCausality(await decodeCopy(pair.files.b), [filled], { upToDate: true });
+      expect(final.violations, `the copy after a complete initial sync (${describeReport(final)})`).to.deep.equal([]);
+    } catch (err) {
+      failures.push(`a complete initial sync of a brand-new secondary after the iterations: ${(err as Error).message.split('\n')[0].slice(0, 1500)}`);
+    }
     report('initial-sync kills', { seed: SEED, killedIn: seen, failed: failures.length });
     expect(seen.syncing + seen.resyncing, 'kills that hit a sync phase').to.be.greaterThan(0);
-    expect(failures, `${failures.length} of ${ITERATIONS} iterations failed (seed ${SEED})`).to.deep.equal([]);
+    expect(failures, `${failures.length} failures in ${ITERATIONS} iterations (seed ${SEED})`).to.deep.equal([]);
   });
 
   // ---- c. a host FLUSH outstanding while the secondary dies ----------------------------------
 
   describe(`a host FLUSH outstanding while the secondary dies is answered within ${FLUSH_BOUND_MS} ms (issue 15.1)`, function () {
-    // async, a 12 MiB journal (an outage of more than that overflows into the bitmap), 8 MiB/s of
+    // async, a 16 MiB journal (an outage of more than that overflows into the bitmap), 8 MiB/s of
     // background work (16 MiB: about 2 s of compare, copy or verify).
-    const mirrorA = { journal: { maxBytes: 12 * MiB }, syncRateBytes: 8 * MiB };
+    const mirrorA = { journal: { maxBytes: 16 * MiB }, syncRateBytes: 8 * MiB };
     type Phase = 'replay' | 'bitmap resync' | 'initial sync compare' | 'initial sync copy' | 'verify' | 'pool reconnect';
     const phases: Phase[] = ['replay', 'bitmap resync', 'initial sync compare', 'initial sync copy', 'verify', 'pool reconnect'];
 
@@ -279,7 +283,7 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
       };
       switch (phase) {
         case 'replay': {
-          await outage(8 * MiB);
+          await outage(4 * MiB);
           const from = pair.a.logs.length;
           pair.heal();
           let st = '';
@@ -287,7 +291,7 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
           return st === 'replaying' ? 'replaying' : 'journal replayed';
         }
         case 'bitmap resync': {
-          await outage(16 * MiB);
+          await outage(20 * MiB);
           await pair.waitLun((l) => l.writePath === 'bitmap', 'the journal overflowed into the bitmap', 10_000);
           pair.heal();
           const l = await pair.waitLun((x) => x.state === 'resyncing' && x.progress.resyncDone > 0, 'resyncing', 20_000);
@@ -338,6 +342,7 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
         const pair = rig.pair;
         const results: Record<string, unknown>[] = [];
         const failures: string[] = [];
+        const appendFailuresBefore = journalAppendFailures(pair).length;
         for (const how of ['kill', 'cut'] as const) {
           const tag = `${phase} / ${how}`;
           try {
@@ -370,8 +375,9 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
             pair.heal();
           }
         }
+        const appendFailures = journalAppendFailures(pair).slice(appendFailuresBefore);
+        if (appendFailures.length) failures.push(`${appendFailures.length} "journal append failed" lines on the primary, the first: ${appendFailures[0]}`);
         report(`flush during ${phase}`, { results, failed: failures.length });
-        expect(journalAppendFailures(pair), '"journal append failed" lines on the primary').to.deep.equal([]);
         expect(failures).to.deep.equal([]);
       });
     }
