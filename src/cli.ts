@@ -1,11 +1,14 @@
 #!/usr/bin/env node
 import './threadpool.js';
+import fs from 'node:fs';
 import { parseArgs } from 'node:util';
 import { ConfigError, loadConfig } from './config/load.js';
+import { adminSocketPath, type SiteConfig } from './config/schema.js';
 import { createLogger } from './log.js';
 import { Site } from './site.js';
 import {
-  AdminUnreachableError, formatRoleChange, formatStatus, formatVerify, fetchStatus, postAction, verifyLeftDifferences,
+  AdminUnreachableError, describeTarget, formatRoleChange, formatStatus, formatVerify, fetchStatus, parseAdminAddress, postAction,
+  verifyLeftDifferences, type AdminTarget,
 } from './admin/client.js';
 import type { VerifyReport } from './admin/actions.js';
 import { notify, startWatchdog } from './admin/systemd.js';
@@ -21,7 +24,11 @@ const EXIT_USAGE = 2;
 const EXIT_UNREACHABLE = 3;
 
 const ACTION_EXITS = `Exit codes: 0 done, 1 refused by the site (409: not possible in the current state) or failed,
-2 usage error or the site answered 400/404 (bad or unknown LUN), 3 site not reachable.`;
+2 usage error, not authorised (401/403), or the site answered 400/404 (bad or unknown LUN), 3 site not reachable.`;
+
+const ACTION_TARGET = `The site is asked on its admin socket (admin.socket of FILE, by default admin.sock in dataDir,
+mode 0600: run as the site's user, root under systemd). --admin SOCKET names the socket without a
+configuration file; --admin HOST:PORT --token-file FILE uses TCP with the token of admin.tokenFile.`;
 
 const HELP: Record<string, string> = {
   main: `nbd-mirror — NBD block storage mirrored between two sites
@@ -29,11 +36,12 @@ const HELP: Record<string, string> = {
 Usage:
   nbd-mirror serve --config FILE                     run a site (NBD listener, mirror, admin endpoint)
   nbd-mirror status --config FILE [--json] [--watch] show LUN roles, modes, states and counters
+                                                     (--admin HOST:PORT instead: no config file needed)
   nbd-mirror config check FILE                       validate a configuration without serving
   nbd-mirror config schema [--json]                  every configuration key: doc, default, env variable
   nbd-mirror journal inspect LUN --config FILE [--json]  a LUN's journal: records, bytes, oldest age
 
-Failover (ask the running site, through its admin endpoint):
+Failover (ask the running site, through its admin socket; ADDR: the socket path, or HOST:PORT with --token-file):
   nbd-mirror promote LUN --config FILE [--force]     make this site's copy the primary
   nbd-mirror demote LUN --config FILE                make this site's copy a secondary
   nbd-mirror resolve LUN --config FILE (--discard-local | --discard-remote)   end a split brain
@@ -48,8 +56,10 @@ Run 'nbd-mirror COMMAND --help' for a command's options.`,
 Serves the site's LUNs over NBD until SIGTERM/SIGINT, then finishes in-flight requests and exits 0.
 Logs go to stdout (JSON lines unless log.format is pretty or stdout is a terminal).`,
   status: `Usage: nbd-mirror status --config FILE [--json] [--watch [SECONDS]]
+       nbd-mirror status --admin HOST:PORT|SOCKET [--json] [--watch [SECONDS]]
 
-Asks the running site's admin endpoint (admin.host:admin.port of FILE) for its status.
+Asks the running site's admin endpoint (admin.host:admin.port of FILE, or ADDR) for its status.
+--admin needs no configuration file (no LUN paths or key files).
 --watch redraws the table every 2 seconds (or SECONDS) until interrupted.`,
   config: `Usage: nbd-mirror config check FILE
        nbd-mirror config schema [--json]
@@ -61,23 +71,37 @@ schema: prints every key with its doc, default and environment variable.`,
 
 Reads the LUN's journal under dataDir (read-only, safe while the site runs) and prints its
 records, bytes and the age of the oldest record; --json adds every record's header.`,
-  promote: `Usage: nbd-mirror promote LUN --config FILE [--force] [--json]
+  promote: `Usage: nbd-mirror promote LUN --config FILE [--force] [--force-never-synced] [--json]
+       nbd-mirror promote LUN --admin SOCKET|HOST:PORT [--token-file FILE] [--force] [--force-never-synced] [--json]
 
-Asks the running site (admin.host:admin.port of FILE) to make its copy of LUN the primary, writable
+${ACTION_TARGET}
+
+Asks the running site to make its copy of LUN the primary, writable
 for hosts. Refused (exit 1) while the peer is reachable and primary for LUN; --force promotes anyway
-(both sites are then primary: a split brain, ended with 'nbd-mirror resolve').
+(both sites are then primary: a split brain, ended with 'nbd-mirror resolve'). A copy that never
+completed an initial sync is no state of the old primary: promoting it is refused (exit 1) unless
+--force-never-synced says that is accepted; its status then keeps saying so.
 ${ACTION_EXITS}`,
   demote: `Usage: nbd-mirror demote LUN --config FILE [--json]
+       nbd-mirror demote LUN --admin SOCKET|HOST:PORT [--token-file FILE] [--json]
+
+${ACTION_TARGET}
 
 Asks the running site to make its copy of LUN a secondary: hosts' connections to it are closed and
 it then takes the peer's data.
 ${ACTION_EXITS}`,
   resolve: `Usage: nbd-mirror resolve LUN --config FILE (--discard-local | --discard-remote) [--json]
+       nbd-mirror resolve LUN --admin SOCKET|HOST:PORT [--token-file FILE] (--discard-local | --discard-remote) [--json]
+
+${ACTION_TARGET}
 
 Ends a split brain of LUN: --discard-local drops this site's changes (it takes the peer's data),
 --discard-remote drops the peer's. Exactly one of the two.
 ${ACTION_EXITS}`,
   verify: `Usage: nbd-mirror verify LUN --config FILE [--repair] [--json]
+       nbd-mirror verify LUN --admin SOCKET|HOST:PORT [--token-file FILE] [--repair] [--json]
+
+${ACTION_TARGET}
 
 Compares both sites' copies of LUN by range hashes while hosts keep writing (this can take minutes;
 there is no time limit). --repair resends the differing ranges from the primary. --json prints the
@@ -135,7 +159,12 @@ async function serve(args: string[]): Promise<number> {
   // A reload asked for while starting must not kill the process (SIGHUP's default action).
   const earlyHup = () => log.warn('SIGHUP while starting: ignored; send it again once ready');
   process.on('SIGHUP', earlyHup);
-  const site = await Site.start(cfg, log);
+  let site: Site;
+  try {
+    site = await Site.start(cfg, log);
+  } catch (err) {
+    throw bindError(err, cfg, opts.values.config as string) ?? err;
+  }
   process.off('SIGHUP', earlyHup);
   let lastTick = performance.now();
   const lagTimer = setInterval(() => { lastTick = performance.now(); }, 500);
@@ -162,7 +191,8 @@ async function serve(args: string[]): Promise<number> {
       let next;
       notify('RELOADING=1');
       try {
-        next = loadConfig(opts.values.config as string);
+        // The site holds its LUNs' devices exclusively: that is not "busy" for a reload.
+        next = loadConfig(opts.values.config as string, { heldPaths: new Set(site.luns.all().map((l) => l.backing.path)) });
       } catch (err) {
         log.error('reload refused: configuration invalid', { error: (err as Error).message });
         notify('READY=1');
@@ -176,6 +206,7 @@ async function serve(args: string[]): Promise<number> {
     log.info('ready', {
       nbd: `${site.nbdAddress!.address}:${site.nbdAddress!.port}`,
       admin: `${site.adminAddress!.address}:${site.adminAddress!.port}`,
+      adminSocket: adminSocketPath(cfg),
       luns: site.luns.all().map((l) => l.name),
     });
     // systemd (Type=notify): ready once every LUN is open and the listeners are bound; the
@@ -185,19 +216,44 @@ async function serve(args: string[]): Promise<number> {
   });
 }
 
+/**
+ * A listener that cannot bind (port taken, address not local, privileged port) is a configuration
+ * problem: restarting does not help, so it exits 2 naming the keys, not 1.
+ */
+function bindError(err: unknown, cfg: SiteConfig, file: string): ConfigError | null {
+  const e = err as NodeJS.ErrnoException & { port?: number; address?: string };
+  if (!e || !['EADDRINUSE', 'EADDRNOTAVAIL', 'EACCES'].includes(e.code ?? '') || !['listen', 'bind'].includes(e.syscall ?? '')) return null;
+  const keys = [
+    ['listen', cfg.listen], ['admin', cfg.admin], ...(cfg.mirror ? [['mirror.listen', cfg.mirror.listen] as const] : []),
+  ].filter(([, l]) => typeof l !== 'string' && l.port === e.port).map(([k]) => `${k}.host/${k}.port`);
+  if (e.address === adminSocketPath(cfg)) keys.push('admin.socket');
+  const what = e.code === 'EADDRINUSE' ? 'already in use' : e.code === 'EACCES' ? 'not permitted' : 'not an address of this machine';
+  return new ConfigError(`${file}: ${keys.join(', ') || 'a listener'}: cannot bind ${e.address ?? '?'}${e.port === undefined ? '' : `:${e.port}`}: ${what} (${e.code})`);
+}
+
 async function status(args: string[]): Promise<number> {
   const opts = options(args, {
-    config: { type: 'string', short: 'c' }, json: { type: 'boolean' }, watch: { type: 'boolean', short: 'w' },
+    config: { type: 'string', short: 'c' }, admin: { type: 'string' }, json: { type: 'boolean' }, watch: { type: 'boolean', short: 'w' },
   }, HELP.status);
   if (!opts) return EXIT_OK;
-  if (!opts.values.config) throw new UsageError(`status needs --config FILE\n\n${HELP.status}`);
-  const cfg = loadConfig(opts.values.config as string);
+  let target: AdminTarget;
+  let who: string;
+  if (opts.values.admin !== undefined) {
+    target = adminTarget(opts.values.admin as string, HELP.status);
+    who = 'site';
+  } else if (opts.values.config) {
+    const cfg = loadConfig(opts.values.config as string, { machine: false });
+    target = { host: cfg.admin.host, port: cfg.admin.port };
+    who = `site "${cfg.site}"`;
+  } else {
+    throw new UsageError(`status needs --config FILE or --admin ADDR\n\n${HELP.status}`);
+  }
   const once = async (): Promise<number> => {
     let body: unknown;
     try {
-      body = await fetchStatus(cfg.admin.host, cfg.admin.port);
+      body = await fetchStatus(target);
     } catch (err) {
-      console.error(`nbd-mirror: site "${cfg.site}" not reachable at ${cfg.admin.host}:${cfg.admin.port}: ${(err as Error).message}`);
+      console.error(`nbd-mirror: ${who} not reachable at ${describeTarget(target)}: ${reachMessage(err as Error)}`);
       return EXIT_UNREACHABLE;
     }
     console.log(opts.values.json ? JSON.stringify(body, null, 2) : formatStatus(body));
@@ -250,8 +306,13 @@ const ACTION_TIMEOUT_MS = 60_000;
 /** promote / demote / resolve / verify LUN --config FILE: POST /luns/LUN/ACTION to the site's admin endpoint. */
 async function action(name: Action, args: string[]): Promise<number> {
   const help = HELP[name];
-  const spec: OptionSpec = { config: { type: 'string', short: 'c' }, json: { type: 'boolean' } };
-  if (name === 'promote') spec.force = { type: 'boolean' };
+  const spec: OptionSpec = {
+    config: { type: 'string', short: 'c' }, admin: { type: 'string' }, 'token-file': { type: 'string' }, json: { type: 'boolean' },
+  };
+  if (name === 'promote') {
+    spec.force = { type: 'boolean' };
+    spec['force-never-synced'] = { type: 'boolean' };
+  }
   if (name === 'resolve') {
     spec['discard-local'] = { type: 'boolean' };
     spec['discard-remote'] = { type: 'boolean' };
@@ -262,10 +323,11 @@ async function action(name: Action, args: string[]): Promise<number> {
   const [lun, ...extra] = opts.positionals;
   if (!lun) throw new UsageError(`${name} needs a LUN name\n\n${help}`);
   if (extra.length) throw new UsageError(`${name}: unexpected argument "${extra[0]}"\n\n${help}`);
-  if (!opts.values.config) throw new UsageError(`${name} needs --config FILE\n\n${help}`);
+  if (!opts.values.config && opts.values.admin === undefined) throw new UsageError(`${name} needs --config FILE or --admin ADDR\n\n${help}`);
   const query: Record<string, string> = {};
   let discard: 'local' | 'remote' | undefined;
   if (name === 'promote' && opts.values.force) query.force = '1';
+  if (name === 'promote' && opts.values['force-never-synced']) query['never-synced'] = '1';
   if (name === 'verify' && opts.values.repair) query.repair = '1';
   if (name === 'resolve') {
     const local = Boolean(opts.values['discard-local']);
@@ -276,26 +338,42 @@ async function action(name: Action, args: string[]): Promise<number> {
     discard = local ? 'local' : 'remote';
     query.discard = discard;
   }
-  const cfg = loadConfig(opts.values.config as string);
+  let target: AdminTarget;
+  let who: string;
+  let statusHint: string;
+  if (opts.values.admin !== undefined) {
+    target = adminTarget(opts.values.admin as string, help);
+    who = 'site';
+    statusHint = `--admin ${opts.values.admin as string}`;
+  } else {
+    // Only what the socket needs: the action does not read the LUNs or the key files.
+    const cfg = loadConfig(opts.values.config as string, { machine: false });
+    target = { socketPath: adminSocketPath(cfg) };
+    who = `site "${cfg.site}"`;
+    statusHint = `--config ${opts.values.config as string}`;
+  }
+  if (opts.values['token-file'] !== undefined) {
+    if ('socketPath' in target) throw new UsageError(`${name}: --token-file goes with --admin HOST:PORT (the socket needs none)\n\n${help}`);
+    target.token = readToken(opts.values['token-file'] as string);
+  }
   let answer;
   try {
-    answer = await postAction(cfg.admin.host, cfg.admin.port, lun, name, query,
-      name === 'verify' ? 0 : ACTION_TIMEOUT_MS);
+    answer = await postAction(target, lun, name, query, name === 'verify' ? 0 : ACTION_TIMEOUT_MS);
   } catch (err) {
     if (err instanceof AdminUnreachableError) {
-      console.error(`nbd-mirror: site "${cfg.site}" not reachable at ${cfg.admin.host}:${cfg.admin.port}: ${err.message}`);
+      console.error(`nbd-mirror: ${who} not reachable at ${describeTarget(target)}: ${reachMessage(err)}`);
       return EXIT_UNREACHABLE;
     }
     // Connected but no usable answer: the action may have happened.
-    console.error(`nbd-mirror: ${name} ${lun}: ${(err as Error).message}; check 'nbd-mirror status --config ${opts.values.config}'`);
+    console.error(`nbd-mirror: ${name} ${lun}: ${(err as Error).message}; check 'nbd-mirror status ${statusHint}'`);
     return EXIT_FAIL;
   }
   const { status: code, body } = answer;
   if (code !== 200) {
     const message = (body as { error?: unknown } | null)?.error;
-    console.error(`nbd-mirror: ${name} ${lun} refused by site "${cfg.site}" (HTTP ${code}): ${typeof message === 'string' ? message : JSON.stringify(body)}`);
-    // 400/404: a bad or unknown LUN (or a request this CLI should not have made): usage-like.
-    return code === 400 || code === 404 ? EXIT_USAGE : EXIT_FAIL;
+    console.error(`nbd-mirror: ${name} ${lun} refused by ${who} (HTTP ${code}): ${typeof message === 'string' ? message : JSON.stringify(body)}`);
+    // 400/404: a bad or unknown LUN; 401/403: not authorised: usage-like, retrying does not help.
+    return [400, 401, 403, 404].includes(code) ? EXIT_USAGE : EXIT_FAIL;
   }
   if (name === 'verify') {
     const repair = Boolean(opts.values.repair);
@@ -304,6 +382,27 @@ async function action(name: Action, args: string[]): Promise<number> {
   }
   console.log(opts.values.json ? JSON.stringify(body, null, 2) : formatRoleChange(name, body, { discard }));
   return EXIT_OK;
+}
+
+function adminTarget(text: string, help: string): AdminTarget {
+  const t = parseAdminAddress(text);
+  if (!t) throw new UsageError(`--admin takes HOST:PORT or the path of the admin socket (got "${text}")\n\n${help}`);
+  return t;
+}
+
+function readToken(file: string): string {
+  try {
+    return fs.readFileSync(file, 'utf8').trim();
+  } catch (err) {
+    throw new UsageError(`--token-file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+}
+
+/** A connect failure, with what to do about a socket the user may not open. */
+function reachMessage(err: Error): string {
+  return /EACCES/.test(err.message)
+    ? `${err.message} (the admin socket is for the site's user only: run as that user, e.g. root)`
+    : err.message;
 }
 
 main(process.argv.slice(2)).then(

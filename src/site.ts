@@ -1,17 +1,21 @@
 // A running site: its LUNs, the NBD listener for hosts, and the admin endpoint.
 import fs from 'node:fs';
 import type { AddressInfo } from 'node:net';
-import { Metrics, type MetricsSnapshot } from './admin/metrics.js';
+import { Metrics, VERSION, type MetricsSnapshot } from './admin/metrics.js';
 import { AdminServer } from './admin/server.js';
-import type { LunConfig, SiteConfig } from './config/schema.js';
+import { loadAdminToken } from './config/load.js';
+import { adminSocketPath, type LunConfig, type SiteConfig } from './config/schema.js';
 import type { Logger } from './log.js';
 import type { MirrorStore } from './lun/lun-mirror.js';
 import { Lun } from './lun/lun.js';
+import { catchup, protectionOf, protectionReason } from './lun/protection.js';
 import { LunRegistry } from './lun/registry.js';
 import { Heartbeat } from './health/heartbeat.js';
+import { processStatus } from './health/process-stats.js';
 import { BitmapError, RegionBitmap } from './journal/bitmap.js';
 import { Journal, type JournalRecovery } from './journal/journal.js';
-import { ActionError, type RoleChange, type SiteActions, type VerifyReport } from './admin/actions.js';
+import { ActionError, type PromoteOptions, type RoleChange, type SiteActions, type VerifyReport } from './admin/actions.js';
+import { AppliedPoint } from './journal/applied-point.js';
 import { UndoLog } from './journal/undo-log.js';
 import { LunMeta, NO_GENERATION } from './lun/lun-meta.js';
 import { MirrorReceiver } from './mirror/receiver.js';
@@ -41,7 +45,8 @@ export class Site implements SiteActions {
   private constructor(public config: SiteConfig, private readonly log: Logger) {
     this.nbd = new NbdServer(this.luns, log, { mode: config.listen.tls, credentials: loadHostCredentials(config.listen) });
     this.metrics = new Metrics(() => this.status() as unknown as MetricsSnapshot);
-    this.admin = new AdminServer(() => this.status(), () => this.metrics.text(), this);
+    this.admin = new AdminServer(() => this.status(), () => this.metrics.text(), this,
+      { token: loadAdminToken(config), socketPath: adminSocketPath(config) });
     if (config.mirror) {
       const m = config.mirror;
       this.mirrorCredentials = loadMirrorCredentials(m);
@@ -83,6 +88,7 @@ export class Site implements SiteActions {
       }
       site.nbdAddress = await site.nbd.listen(config.listen.host, config.listen.port);
       site.adminAddress = await site.admin.listen(config.admin.host, config.admin.port);
+      await site.admin.listenSocket(adminSocketPath(config));
     } catch (err) {
       await site.stop();
       throw err;
@@ -126,7 +132,12 @@ export class Site implements SiteActions {
       lun: lc.name, path: lc.path, size: backing.size, role, mirror,
       blockDevice: backing.isBlockDevice, readOnly: lun.readOnly, generation: meta?.current,
     });
-    if (meta && role === 'secondary' && !meta.data.consistent) {
+    if (meta?.data.promotedNeverSynced) {
+      this.log.warn('this LUN was promoted from a copy that never completed an initial sync: its data is not a state of the old primary', { lun: lc.name });
+    }
+    if (meta && role === 'secondary' && meta.neverSynced) {
+      this.log.warn('secondary never completed an initial sync: it is no state of the primary until one completes', { lun: lc.name });
+    } else if (meta && role === 'secondary' && !meta.data.consistent) {
       this.log.warn('secondary is inconsistent (a resync was interrupted): the primary completes it on reconnect, or promote rolls it back', {
         lun: lc.name, undoRegions: lun.undo?.saved,
       });
@@ -135,6 +146,9 @@ export class Site implements SiteActions {
 
   private async openUndo(lun: Lun): Promise<void> {
     lun.undo ??= await UndoLog.open(`${this.config.dataDir}/${lun.name}.undo`, lun.name, lun.size);
+    lun.applied ??= await AppliedPoint.open(`${this.config.dataDir}/${lun.name}.applied`, (reason) => {
+      this.log.warn('the secondary\'s applied point is damaged; the primary\'s offer decides where it resumes', { lun: lun.name, reason });
+    });
   }
 
   // ---- operator actions (admin endpoint, CLI) ------------------------------------------------
@@ -146,9 +160,13 @@ export class Site implements SiteActions {
     return { lun, meta: lun.meta };
   }
 
-  async promote(name: string, opts: { force: boolean }): Promise<RoleChange> {
+  async promote(name: string, opts: PromoteOptions): Promise<RoleChange> {
     const { lun, meta } = this.actionTarget(name);
     if (lun.spec.role === 'primary') throw new ActionError(`LUN ${name} is already primary here`);
+    if (meta.neverSynced && !opts.neverSynced) {
+      throw new ActionError(`LUN ${name} here never completed an initial sync: its data is no state of the primary ` +
+        '(--force-never-synced promotes it anyway, and its status keeps saying so)');
+    }
     const feeder = this.receiver!.stateOf(name).feeder;
     if (feeder && !opts.force) {
       throw new ActionError(`site ${feeder} is connected and primary for ${name}: demote it there first (or --force if it must be cut off)`);
@@ -158,13 +176,19 @@ export class Site implements SiteActions {
       this.receiver!.requestReoffer(`LUN ${name} promoted`, name);
       notes.push(`the connected primary (site ${feeder}) no longer feeds this LUN`);
     }
-    if (!meta.data.consistent) {
+    if (meta.neverSynced) {
+      // Nothing to roll back to: an undo log of a never-synced copy holds no state of the primary either.
+      await meta.update({ consistent: true, promotedNeverSynced: Date.now() });
+      notes.push('this copy never completed an initial sync: its data is NOT a state of the old primary');
+      this.log.error('promote of a copy that never completed an initial sync: its data is not a state of the old primary', { lun: name });
+    } else if (!meta.data.consistent) {
       const regions = lun.undo ? await lun.undo.rollback(lun.backing) : 0;
       await meta.update({ consistent: true });
       notes.push(`rolled back an interrupted resync (${regions} regions) to the last consistent state`);
       this.log.warn('promote: rolled back an interrupted resync', { lun: name, regions });
     }
     await lun.undo?.discard();
+    lun.applied?.clear();
     const base = meta.current;
     await meta.rotate();
     await meta.update({ role: 'primary', peerBase: base === NO_GENERATION ? '' : base, syncCompare: false, localChanges: false, discardPeer: false });
@@ -261,14 +285,24 @@ export class Site implements SiteActions {
    * SIGHUP: add the LUNs new in `next`, remove those gone from it; other LUNs and their hosts are
    * untouched. A LUN whose settings changed, or other changed keys, need a restart (logged).
    */
-  async reload(next: SiteConfig): Promise<{ added: string[]; removed: string[]; unchanged: string[] }> {
+  async reload(next: SiteConfig): Promise<{ added: string[]; removed: string[]; unchanged: string[]; changed: string[] }> {
     const { luns: _old, ...oldRest } = this.config;
     const { luns: _new, ...newRest } = next;
-    if (JSON.stringify(oldRest) !== JSON.stringify(newRest)) {
-      this.log.warn('reload: only LUNs are added or removed; other changed keys take effect at the next restart');
-    }
     const before = new Map(this.config.luns.map((l) => [l.name, l]));
     const after = new Map(next.luns.map((l) => [l.name, l]));
+    // Every key whose value differs, dotted (`log.level`, `luns[lun0].mirror`, `luns[lun2]` for a
+    // LUN added or removed).
+    const changed = changedKeys(oldRest, newRest, '');
+    for (const name of new Set([...before.keys(), ...after.keys()])) {
+      const o = before.get(name);
+      const n = after.get(name);
+      if (!o || !n) changed.push(`luns[${name}]`);
+      else changed.push(...changedKeys(o, n, `luns[${name}].`));
+    }
+    const notApplied = changed.filter((k) => !/^luns\[[^\]]*\]$/.test(k));
+    if (notApplied.length) {
+      this.log.warn('reload: only LUNs are added or removed; other changed keys take effect at the next restart', { keys: notApplied });
+    }
     const added: string[] = [];
     const removed: string[] = [];
     const unchanged: string[] = [];
@@ -276,7 +310,9 @@ export class Site implements SiteActions {
       const n = after.get(name);
       if (!n) continue;
       if (JSON.stringify(n) !== JSON.stringify(lc)) {
-        this.log.warn('reload: LUN settings changed; remove and re-add it, or restart, to apply', { lun: name });
+        this.log.warn('reload: LUN settings changed; remove and re-add it, or restart, to apply', {
+          lun: name, keys: changedKeys(lc, n, ''),
+        });
       }
       unchanged.push(name);
     }
@@ -300,10 +336,12 @@ export class Site implements SiteActions {
       }
     }
     this.config = { ...this.config, luns: this.config.luns.filter((l) => after.has(l.name)).concat(next.luns.filter((l) => added.includes(l.name))) };
-    if (mirrorChanged) this.sender?.resession('the mirrored LUNs changed');
-    if (secondaryAdded) this.receiver?.requestReoffer('a secondary LUN was added');
-    this.log.info('reloaded', { added, removed, unchanged });
-    return { added, removed, unchanged };
+    // Only a change of what this site offers (its mirrored primaries) renegotiates its session,
+    // and only an added secondary asks the peer to offer again; other LUNs are not touched.
+    if (mirrorChanged) this.sender?.resession(`the mirrored LUNs changed (${[...added, ...removed].join(', ')})`);
+    if (secondaryAdded) this.receiver?.requestReoffer(`a secondary LUN was added (${added.join(', ')})`);
+    this.log.info('reloaded', { added, removed, unchanged, changed });
+    return { added, removed, unchanged, changed };
   }
 
   private async removeLun(name: string): Promise<void> {
@@ -384,8 +422,18 @@ export class Site implements SiteActions {
   }
 
   status() {
+    const mem = process.memoryUsage();
+    const luns = this.luns.all().map((lun) => this.lunStatus(lun));
+    const states = new Map<string, number>();
+    for (const l of luns) states.set(l.state, (states.get(l.state) ?? 0) + 1);
     return {
       site: this.config.site,
+      version: VERSION,
+      process: {
+        pid: process.pid, uptimeSeconds: Math.round(process.uptime()), node: process.version,
+        ...processStatus(), heapUsedBytes: mem.heapUsed, heapTotalBytes: mem.heapTotal,
+        externalBytes: mem.external, arrayBuffersBytes: mem.arrayBuffers,
+      },
       listen: this.nbdAddress,
       hostTls: this.config.listen.tls === 'off' ? null : { mode: this.config.listen.tls, ...this.nbd.tlsStats },
       mirror: this.sender && {
@@ -398,7 +446,13 @@ export class Site implements SiteActions {
         heartbeat: this.heartbeat?.stats,
         connections: this.sender.pool.elements.map((e) => ({ index: e.index, status: e.status, lastSeen: e.lastSeen, inflight: e.inflight })),
       },
-      luns: this.luns.all().map((lun) => this.lunStatus(lun)),
+      luns,
+      summary: {
+        luns: luns.length,
+        states: Object.fromEntries(states),
+        localOnly: luns.flatMap((l) => ('protection' in l && l.protection === 'local-only' ? [l.name] : [])),
+        journalBytes: luns.reduce((sum, l) => sum + ('journal' in l && l.journal ? l.journal.bytes : 0), 0),
+      },
     };
   }
 
@@ -408,17 +462,23 @@ export class Site implements SiteActions {
       readOnly: lun.readOnly, hosts: this.nbd.connectionCount(lun.name), counters: lun.counters,
     };
     const meta = lun.meta?.data;
+    const lm = lun.meta;
+    const neverSynced = lun.spec.role === 'secondary' && !!lm?.neverSynced;
     const generation = meta && {
-      current: meta.current, history: meta.history.slice(0, 4), consistent: meta.consistent, localChanges: meta.localChanges,
-      splitBrain: meta.splitBrain, peerBase: meta.peerBase || null,
+      current: meta.current, history: meta.history.slice(0, 4), consistent: neverSynced ? false : meta.consistent, localChanges: meta.localChanges,
+      splitBrain: meta.splitBrain, peerBase: meta.peerBase || null, neverSynced,
+      // A forced promote of a never-synced copy is remembered: this data is no state of the old primary.
+      ...(meta.promotedNeverSynced ? { promotedNeverSynced: new Date(meta.promotedNeverSynced).toISOString(), dataOrigin: 'promoted without a completed initial sync: not a state of the old primary' } : {}),
     };
     if (lun.spec.role === 'secondary') {
       const s = this.receiver!.stateOf(lun.name);
       const state = meta?.splitBrain ? 'split-brain'
-        : meta && !meta.consistent ? (s.feeder ? 'secondary-syncing' : 'secondary-inconsistent')
+        : lm && !lm.consistent ? (s.feeder ? 'secondary-syncing' : 'secondary-inconsistent')
         : s.feeder ? 'secondary-uptodate' : 'secondary-waiting';
+      const reason = neverSynced ? 'never synced: no initial sync has completed, so this copy is no state of the primary'
+        : lm && !lm.consistent ? 'an interrupted resync: promote rolls back to the last consistent state' : undefined;
       return {
-        ...base, mode: 'secondary', state, peer: s.feeder, appliedSeq: s.order.appliedPrefix, applied: s.applied,
+        ...base, mode: 'secondary', state, ...(reason ? { reason } : {}), peer: s.feeder, appliedSeq: s.order.appliedPrefix, applied: s.applied,
         generation, pairing: s.pairing, undoRegions: lun.undo?.saved ?? 0,
       };
     }
@@ -427,8 +487,12 @@ export class Site implements SiteActions {
     const journal = m.journalStatus();
     // While the link waits out its probation, a LUN with changes to send shows it.
     const state = m.state === 'journaling' && this.sender!.monitor.state === 'probation' ? 'probation' : m.state;
+    const work = catchup(state, m.progress);
     return {
       ...base, state, reason: m.reason, writePath: m.path,
+      protection: protectionOf(state, m.mode), protectionReason: protectionReason(state),
+      catchup: work && { done: work.done, total: work.total, percent: Math.floor((100 * work.done) / work.total) },
+      etaSeconds: work?.etaSeconds ?? null,
       mirrored: m.stats, inflight: m.inflight, lagBytes: m.inflightBytes,
       journal, dirtyRegions: m.dirtyRegions, resyncPending: m.resyncNeeded.size,
       progress: m.progress, sync: m.sync, verify: m.verifying, generation,
@@ -455,4 +519,17 @@ export class Site implements SiteActions {
       }
     }
   }
+}
+
+/** Dotted paths of the keys whose values differ between two configuration objects. */
+export function changedKeys(a: unknown, b: unknown, prefix: string): string[] {
+  const isObj = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+  if (!isObj(a) || !isObj(b)) return JSON.stringify(a) === JSON.stringify(b) ? [] : [prefix.replace(/\.$/, '')];
+  const out: string[] = [];
+  for (const k of new Set([...Object.keys(a), ...Object.keys(b)])) {
+    const [x, y] = [a[k], b[k]];
+    if (isObj(x) && isObj(y)) out.push(...changedKeys(x, y, `${prefix}${k}.`));
+    else if (JSON.stringify(x) !== JSON.stringify(y)) out.push(`${prefix}${k}`);
+  }
+  return out;
 }

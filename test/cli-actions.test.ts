@@ -1,6 +1,7 @@
 // `nbd-mirror promote|demote|resolve|verify LUN --config FILE` as users run them (`node dist/cli.js`)
-// against a fake admin endpoint: an AdminServer with a fake SiteActions on a free port, named by
-// the config file's admin.port. Output lines and exit codes. Needs dist/ (npm run build).
+// against a fake admin endpoint: an AdminServer with a fake SiteActions on a unix socket named by
+// the config file's admin.socket (actions are refused over TCP). Output lines and exit codes.
+// Needs dist/ (npm run build).
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
@@ -93,10 +94,10 @@ describe('cli: failover commands', function () {
   let config: string;
   let unreachable: string;
 
-  const writeConfig = (name: string, adminPort: number): string => {
+  const writeConfig = (name: string, adminPort: number, socket = path.join(dir, `${name}.sock`)): string => {
     const file = path.join(dir, name);
     fs.writeFileSync(file, JSON.stringify({
-      site: 'a', listen: { port: 0 }, admin: { host: '127.0.0.1', port: adminPort }, dataDir: path.join(dir, 'data'),
+      site: 'a', listen: { port: 0 }, admin: { host: '127.0.0.1', port: adminPort, socket }, dataDir: path.join(dir, 'data'),
       luns: [{ name: 'lun0', path: path.join(dir, 'lun0.img') }],
     }, null, 2));
     return file;
@@ -116,9 +117,11 @@ describe('cli: failover commands', function () {
 
   beforeEach(async function () {
     fake = new FakeActions();
-    server = new AdminServer(() => ({ site: 'a', luns: [] }), async () => '', fake);
+    const sock = path.join(dir, 'site.json.sock');
+    server = new AdminServer(() => ({ site: 'a', luns: [] }), async () => '', fake, { token: null, socketPath: sock });
     const { port } = await server.listen('127.0.0.1', 0);
-    config = writeConfig('site.json', port);
+    await server.listenSocket(sock);
+    config = writeConfig('site.json', port, sock);
   });
 
   afterEach(async function () {
@@ -273,6 +276,37 @@ describe('cli: failover commands', function () {
     });
   });
 
+  describe('--admin: the admin address alone, no configuration file', function () {
+    it('--admin SOCKET runs the action; status --admin HOST:PORT reads the status', async function () {
+      const sock = path.join(dir, 'site.json.sock');
+      const r = await cli(['promote', 'lun0', '--admin', sock]);
+      expect(r.code, why(r)).to.equal(0);
+      expect(lines(r.stdout)).to.deep.equal(['lun0: promoted to primary']);
+      expect(fake.calls).to.deep.equal([['promote', 'lun0', { force: false }]]);
+      const port = JSON.parse(fs.readFileSync(config, 'utf8')).admin.port as number;
+      const st = await cli(['status', '--admin', `127.0.0.1:${port}`, '--json']);
+      expect(st.code, why(st)).to.equal(0);
+      expect(JSON.parse(st.stdout)).to.deep.equal({ site: 'a', luns: [] });
+    });
+
+    it('--admin HOST:PORT without a token: refused by the site (403) → exit 2, nothing done', async function () {
+      const port = JSON.parse(fs.readFileSync(config, 'utf8')).admin.port as number;
+      const r = await cli(['demote', 'lun0', '--admin', `127.0.0.1:${port}`]);
+      expect(r.code, why(r)).to.equal(2);
+      expect(r.stderr).to.match(/HTTP 403.*admin socket/);
+      expect(fake.calls).to.deep.equal([]);
+    });
+
+    it('a bad --admin address, or --token-file with a socket → exit 2', async function () {
+      const a = await cli(['demote', 'lun0', '--admin', 'nowhere']);
+      expect(a.code, why(a)).to.equal(2);
+      expect(a.stderr).to.include('--admin takes HOST:PORT or the path of the admin socket');
+      const b = await cli(['demote', 'lun0', '--admin', path.join(dir, 'x.sock'), '--token-file', config]);
+      expect(b.code, why(b)).to.equal(2);
+      expect(fake.calls).to.deep.equal([]);
+    });
+  });
+
   describe('usage and reachability', function () {
     for (const cmd of ['promote', 'demote', 'resolve', 'verify']) {
       it(`${cmd}: missing LUN, missing --config, extra argument, unknown option → exit 2; --help → exit 0`, async function () {
@@ -283,7 +317,7 @@ describe('cli: failover commands', function () {
         expect(noLun.stderr).to.include(`Usage: nbd-mirror ${cmd} LUN --config FILE`);
         const noConfig = await cli([cmd, 'lun0', ...discard]);
         expect(noConfig.code, why(noConfig)).to.equal(2);
-        expect(lines(noConfig.stderr)[0]).to.equal(`nbd-mirror: ${cmd} needs --config FILE`);
+        expect(lines(noConfig.stderr)[0]).to.equal(`nbd-mirror: ${cmd} needs --config FILE or --admin ADDR`);
         const extra = await cli([cmd, 'lun0', 'lun1', '--config', config, ...discard]);
         expect(extra.code, why(extra)).to.equal(2);
         expect(lines(extra.stderr)[0]).to.equal(`nbd-mirror: ${cmd}: unexpected argument "lun1"`);
@@ -302,7 +336,7 @@ describe('cli: failover commands', function () {
         expect(r.code, why(r)).to.equal(3);
         expect(r.stdout).to.equal('');
         expect(lines(r.stderr)).to.have.length(1);
-        expect(r.stderr).to.match(/^nbd-mirror: site "a" not reachable at 127\.0\.0\.1:\d+: .*ECONNREFUSED/);
+        expect(r.stderr).to.match(/^nbd-mirror: site "a" not reachable at \/\S+closed\.json\.sock: .*ENOENT/);
       });
     }
 
@@ -328,9 +362,10 @@ describe('cli: failover commands', function () {
         sockets.add(s);
         s.once('data', () => s.destroy());
       });
-      await new Promise<void>((r) => breaker.listen(0, '127.0.0.1', () => r()));
+      const sock = path.join(dir, 'breaker.sock');
+      await new Promise<void>((r) => breaker.listen(sock, () => r()));
       try {
-        const cfg = writeConfig('breaker.json', (breaker.address() as net.AddressInfo).port);
+        const cfg = writeConfig('breaker.json', 1, sock);
         const r = await cli(['demote', 'lun0', '--config', cfg]);
         expect(r.code, why(r)).to.equal(1);
         expect(r.stderr).to.match(/^nbd-mirror: demote lun0: .*; check 'nbd-mirror status --config /);

@@ -10,6 +10,7 @@ import { siteStatus, startPair, waitLunStates, type Pair } from './helpers/pair.
 import { Cleanup, cliPath, exec, pollUntil, readAt, sparseFile, startSite, tmpDir, type Site } from './helpers/site.js';
 import type { TmpDir } from './helpers/tmp.js';
 import { freePort } from './helpers/ports.js';
+import { duration, formatStatus } from '../src/admin/client.js';
 
 const MiB = 1024 * 1024;
 const SHORT_HEARTBEAT = { intervalMs: 200, timeoutMs: 600, probationMs: 1000 };
@@ -46,7 +47,9 @@ async function sha256(file: string): Promise<string> {
 
 /** The cells of a `status` table row (columns are separated by two or more spaces). */
 const cells = (row: string): string[] => row.trim().split(/\s{2,}/);
-const HEADER = ['LUN', 'ROLE', 'MODE', 'STATE', 'SIZE', 'HOSTS', 'WRITES', 'WRITTEN', 'READS'];
+const HEADER = ['LUN', 'ROLE', 'MODE', 'STATE', 'PROTECTION', 'PROGRESS', 'ETA', 'JOURNAL', 'LAG', 'SIZE', 'HOSTS', 'WRITES', 'WRITTEN', 'READS', 'REASON'];
+/** The site line: "site a  (peer b, link up; rss 80.1 MiB, heap 12.0 MiB)". */
+const SITE_LINE = (site: string, peer: string) => new RegExp(`^site ${site}  \\(peer ${peer}, link \\w+; rss \\d+\\.\\d MiB, heap \\d+\\.\\d MiB\\)$`);
 
 /** qemu-io writes (each `[pattern, offset, length]`) in one qemu-io run. */
 function qemuWrites(uri: string, writes: Array<[number, number, number]>) {
@@ -278,27 +281,30 @@ describe('cli commands', function () {
       expect(r.code, why(r)).to.equal(0);
       expect(r.stderr).to.equal('');
       const out = lines(r.stdout);
-      expect(out[0]).to.equal('site a');
+      expect(out[0]).to.match(SITE_LINE('a', 'b'));
       expect(cells(out[1])).to.deep.equal(HEADER);
-      expect(out.slice(2), r.stdout).to.have.length(2);
-      const rows = out.slice(2).map(cells);
+      expect(out.slice(2), r.stdout).to.have.length(3);
+      const rows = out.slice(2, 4).map(cells);
       for (const row of rows) expect(row, JSON.stringify(row)).to.have.length(HEADER.length);
-      expect(rows.map((row) => row.slice(0, 5))).to.deep.equal([
-        ['lun0', 'primary', 'sync', 'uptodate', '16.0 MiB'],
-        ['lun1', 'primary', 'async', 'uptodate', '16.0 MiB'],
+      // LUN ROLE MODE STATE PROTECTION PROGRESS ETA JOURNAL LAG SIZE HOSTS ... REASON
+      expect(rows.map((row) => [...row.slice(0, 11), row[14]])).to.deep.equal([
+        ['lun0', 'primary', 'sync', 'uptodate', 'peer', '-', '-', '0 B', '0 B', '16.0 MiB', '0', 'the peer has every change'],
+        ['lun1', 'primary', 'async', 'uptodate', 'peer-async', '-', '-', '0 B', '0 B', '16.0 MiB', '0', 'the peer has every change'],
       ]);
+      expect(out[4]).to.equal('2 LUNs: 2 uptodate; every mirrored primary protected by the peer');
     });
 
     it('status --config B: the secondaries, mode "secondary", state secondary-uptodate', async function () {
       const r = await cli(['status', '--config', pair.b.configPath]);
       expect(r.code, why(r)).to.equal(0);
       const out = lines(r.stdout);
-      expect(out[0]).to.equal('site b');
+      expect(out[0]).to.match(SITE_LINE('b', 'a'));
       expect(cells(out[1])).to.deep.equal(HEADER);
-      expect(out.slice(2).map((l) => cells(l).slice(0, 4))).to.deep.equal([
-        ['lun0', 'secondary', 'secondary', 'secondary-uptodate'],
-        ['lun1', 'secondary', 'secondary', 'secondary-uptodate'],
+      expect(out.slice(2, 4).map((l) => cells(l).slice(0, 5))).to.deep.equal([
+        ['lun0', 'secondary', 'secondary', 'secondary-uptodate', '-'],
+        ['lun1', 'secondary', 'secondary', 'secondary-uptodate', '-'],
       ]);
+      expect(out[4]).to.equal('2 LUNs: 2 secondary-uptodate; no mirrored primaries here');
     });
 
     it('status --json: parses; site, luns[].name/role/mode/state, mirror.connections', async function () {
@@ -312,6 +318,18 @@ describe('cli commands', function () {
       expect(st.luns.map((l) => [l.name, l.role, l.mode, l.state])).to.deep.equal([
         ['lun0', 'primary', 'sync', 'uptodate'], ['lun1', 'primary', 'async', 'uptodate'],
       ]);
+      // The ETA (null: nothing to catch up), protection and the process's memory are in the JSON.
+      const full = JSON.parse(r.stdout) as {
+        luns: Array<Record<string, unknown>>; process: { rssBytes: number }; summary: { luns: number; localOnly: string[] };
+      };
+      for (const l of full.luns) {
+        expect(l, l.name as string).to.have.property('etaSeconds', null);
+        expect(l, l.name as string).to.have.property('catchup', null);
+      }
+      expect(full.luns.map((l) => l.protection)).to.deep.equal(['peer', 'peer-async']);
+      expect(full.process.rssBytes).to.be.above(MiB);
+      expect(full.summary).to.include({ luns: 2 });
+      expect(full.summary.localOnly).to.deep.equal([]);
       expect(st.mirror.connections).to.have.length(3);
       expect(st.mirror.connections.map((c) => c.index).sort()).to.deep.equal([0, 1, 2]);
       for (const c of st.mirror.connections) expect(c.status).to.equal('up');
@@ -337,16 +355,17 @@ describe('cli commands', function () {
       const exit = await exited;
       expect(exit.signal).to.equal('SIGTERM');
       expect(err).to.equal('');
-      // Each redraw: an ISO timestamp, "site a", the header, the two LUN rows.
+      // Each redraw: an ISO timestamp, the site line, the header, the two LUN rows, the summary.
       const frames = out.split(/^(?=\d{4}-\d\d-\d\dT)/m).filter((f) => f.trim().length > 0);
-      const complete = frames.filter((f) => lines(f).length === 5);
+      const complete = frames.filter((f) => lines(f).length === 6);
       expect(complete.length, out).to.be.at.least(3);
       const stamps: number[] = [];
       for (const f of complete) {
         const l = lines(f);
         stamps.push(Date.parse(l[0]));
-        expect(l[1]).to.equal('site a');
+        expect(l[1]).to.match(SITE_LINE('a', 'b'));
         expect(cells(l[2])).to.deep.equal(HEADER);
+        expect(l[5]).to.match(/^2 LUNs: /);
         expect(cells(l[3]).slice(0, 2)).to.deep.equal(['lun0', 'primary']);
         expect(cells(l[4]).slice(0, 2)).to.deep.equal(['lun1', 'primary']);
       }
@@ -450,7 +469,8 @@ describe('cli commands', function () {
 
       // A copy of the dataDir, with one byte of the middle record's data flipped.
       const copy = dir.join('data-copy');
-      await fs.cp(site.config.dataDir, copy, { recursive: true });
+      // (Not the admin socket: a socket cannot be copied, and inspect does not need it.)
+      await fs.cp(site.config.dataDir, copy, { recursive: true, filter: (src) => !src.endsWith('admin.sock') });
       const journal = path.join(copy, 'lun0.journal');
       const buf = await fs.readFile(journal);
       const recs = recordPositions(buf, 'lun0');
@@ -480,6 +500,29 @@ describe('cli commands', function () {
       expect(await sha256(journal), 'journal bytes after inspect').to.equal(before);
       expect((await fs.stat(journal)).size).to.equal(sizeBefore);
       expect((await fs.readdir(copy)).sort(), 'no file added (no .corrupt copy)').to.deep.equal(filesBefore);
+    });
+  });
+
+  describe('the status table of a LUN catching up (formatStatus)', function () {
+    it('progress, ETA, journal with its age, lag and reason per LUN; the summary names the local-only LUNs', function () {
+      const body = {
+        site: 'a', process: { rssBytes: 100 * MiB, heapUsedBytes: 20 * MiB }, mirror: { peer: 'b', link: 'up', health: 'up' },
+        luns: [
+          { name: 'lun0', role: 'primary', mode: 'sync', state: 'resyncing', reason: '10 regions to copy', size: 64 * MiB, hosts: 2,
+            counters: { writeOps: 5, writeBytes: MiB, readOps: 1 }, protection: 'local-only', etaSeconds: 65,
+            catchup: { done: 42, total: 100, percent: 42 }, journal: { bytes: MiB, oldestAgeMs: 3000 }, lagBytes: 4096 },
+          { name: 'lun1', role: 'secondary', mode: 'secondary', state: 'secondary-uptodate', size: 64 * MiB, hosts: 0,
+            counters: { writeOps: 0, writeBytes: 0, readOps: 0 } },
+        ],
+      };
+      const out = lines(formatStatus(body));
+      expect(out[0]).to.equal('site a  (peer b, link up; rss 100.0 MiB, heap 20.0 MiB)');
+      expect(cells(out[1])).to.deep.equal(HEADER);
+      expect(cells(out[2])).to.deep.equal(['lun0', 'primary', 'sync', 'resyncing', 'local-only', '42%', '1m05s', '1.0 MiB (3s old)', '4.0 KiB',
+        '64.0 MiB', '2', '5', '1.0 MiB', '1', '10 regions to copy']);
+      expect(cells(out[3])).to.have.length(HEADER.length);
+      expect(out[4]).to.equal('2 LUNs: 1 resyncing, 1 secondary-uptodate; local-only: lun0 (resyncing, ETA 1m05s); journals 1.0 MiB');
+      expect([duration(0), duration(59.6), duration(3600 + 7 * 60 + 9)]).to.deep.equal(['0s', '1m00s', '1h07m']);
     });
   });
 });

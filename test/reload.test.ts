@@ -225,6 +225,7 @@ describe('SIGHUP reload', function () {
       expect(added.line.added).to.deep.equal(['lun2']);
       expect(added.line.removed).to.deep.equal([]);
       expect(added.line.unchanged).to.deep.equal(['lun0']);
+      expect(added.line.changed, 'the changed keys').to.deep.equal(['luns[lun2]']);
       expect(await exportNames(site)).to.deep.equal(['lun0', 'lun2']);
       const io = await exec('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 4096 65536', '-c', 'read -P 0x5a 4096 65536', site.uri('lun2')], { timeoutMs: 30_000 });
       expect(io.stdout).to.not.match(/verification failed|error/i);
@@ -356,6 +357,14 @@ describe('SIGHUP reload', function () {
       const warned = site.logs.slice(from, done.index).map((l) => JSON.parse(l) as LogLine).filter((l) => l.level === 'warn');
       expect(warned.map((l) => l.message)).to.include('reload: LUN settings changed; remove and re-add it, or restart, to apply');
       expect(warned.map((l) => l.message).some((m) => m.startsWith('reload: only LUNs are added or removed'))).to.equal(true);
+      // The keys that changed, named: in the warnings and in "reloaded".
+      const lunWarn = warned.find((l) => l.message.startsWith('reload: LUN settings changed'))!;
+      expect([lunWarn.lun, lunWarn.keys]).to.deep.equal(['lun0', ['mirror']]);
+      const restWarn = warned.find((l) => l.message.startsWith('reload: only LUNs are added or removed'))!;
+      expect(restWarn.keys).to.deep.equal(['log.level', 'luns[lun0].mirror']);
+      expect(done.line.changed).to.deep.equal(['log.level', 'luns[lun0].mirror']);
+      // Nothing was applied, so nothing renegotiated: the mirror session was not restarted.
+      expect(site.logs.slice(from, done.index).some((l) => l.includes('renegotiating')), 'renegotiated').to.equal(false);
       const st = await siteStatus(site);
       expect(st.luns.map((l) => [l.name, l.mode])).to.deep.equal([['lun0', 'sync']]);
     });

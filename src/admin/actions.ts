@@ -28,8 +28,11 @@ export interface RoleChange {
 }
 
 export interface SiteActions {
-  /** Make a secondary writable for hosts; refused while the peer is reachable and primary, unless force. */
-  promote(lun: string, opts: { force: boolean }): Promise<RoleChange>;
+  /**
+   * Make a secondary writable for hosts; refused while the peer is reachable and primary, unless
+   * force; refused for a copy that never completed an initial sync, unless neverSynced.
+   */
+  promote(lun: string, opts: PromoteOptions): Promise<RoleChange>;
   /** Make a primary a secondary (hosts' connections to it are closed; it then takes the peer's data). */
   demote(lun: string): Promise<RoleChange>;
   /** End a split brain: discard this site's changes (local) or the peer's (remote). */
@@ -37,3 +40,9 @@ export interface SiteActions {
   /** Compare both copies by range hashes while hosts keep writing; with repair, resend what differs. */
   verify(lun: string, opts: { repair: boolean }): Promise<VerifyReport>;
 }
+
+/**
+ * force: promote although the peer is connected and primary. neverSynced: promote a copy that never
+ * completed an initial sync (its data is not a state of the old primary; status keeps saying so).
+ */
+export interface PromoteOptions { force: boolean; neverSynced?: boolean }

@@ -3,9 +3,32 @@
 import http from 'node:http';
 import type { RoleChange, VerifyReport } from './actions.js';
 
-export function fetchStatus(host: string, port: number, timeoutMs = 5000): Promise<unknown> {
+/**
+ * Where the admin endpoint is: its TCP address (reads open; actions need `token`), or its unix
+ * socket (everything, for whoever may open it).
+ */
+export type AdminTarget = { host: string; port: number; token?: string | null } | { socketPath: string };
+
+/** "HOST:PORT", "[V6]:PORT", or a socket path (contains a "/"). */
+export function parseAdminAddress(text: string): AdminTarget | null {
+  if (text.includes('/')) return { socketPath: text };
+  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(text);
+  if (!m || Number(m[3]) > 65535) return null;
+  return { host: m[1] ?? m[2], port: Number(m[3]) };
+}
+
+export function describeTarget(t: AdminTarget): string {
+  return 'socketPath' in t ? t.socketPath : `${t.host.includes(':') ? `[${t.host}]` : t.host}:${t.port}`;
+}
+
+function connectOptions(t: AdminTarget): http.RequestOptions {
+  if ('socketPath' in t) return { socketPath: t.socketPath };
+  return { host: t.host, port: t.port, headers: t.token ? { authorization: `Bearer ${t.token}` } : {} };
+}
+
+export function fetchStatus(target: AdminTarget, timeoutMs = 5000): Promise<unknown> {
   return new Promise((resolve, reject) => {
-    const req = http.get({ host, port, path: '/status', timeout: timeoutMs }, (res) => {
+    const req = http.get({ ...connectOptions(target), path: '/status', timeout: timeoutMs }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => {
@@ -21,20 +44,66 @@ export function fetchStatus(host: string, port: number, timeoutMs = 5000): Promi
   });
 }
 
-interface LunStatus { name: string; role: string; mode: string; state: string; size: number; hosts: number;
-  counters: { writeOps: number; writeBytes: number; readOps: number } }
+interface LunStatus {
+  name: string; role: string; mode: string; state: string; reason?: string; size: number; hosts: number;
+  counters: { writeOps: number; writeBytes: number; readOps: number };
+  protection?: string; etaSeconds?: number | null; catchup?: { done: number; total: number; percent: number } | null;
+  journal?: { bytes: number; oldestAgeMs: number | null }; lagBytes?: number;
+}
+interface SiteStatusBody {
+  site: string; luns: LunStatus[];
+  process?: { rssBytes: number; heapUsedBytes: number };
+  mirror?: { peer: string; link: string; health: string } | null;
+}
 
-/** A readable table of the status JSON. */
+export const STATUS_HEADER = ['LUN', 'ROLE', 'MODE', 'STATE', 'PROTECTION', 'PROGRESS', 'ETA', 'JOURNAL', 'LAG', 'SIZE', 'HOSTS',
+  'WRITES', 'WRITTEN', 'READS', 'REASON'];
+
+/**
+ * A readable table of the status JSON: a site line, one row per LUN (empty cells are "-"), and a
+ * summary line (LUNs by state, and which are not protected by the peer, with their ETA).
+ */
 export function formatStatus(body: unknown): string {
-  const s = body as { site: string; luns: LunStatus[] };
-  const rows = [['LUN', 'ROLE', 'MODE', 'STATE', 'SIZE', 'HOSTS', 'WRITES', 'WRITTEN', 'READS']];
+  const s = body as SiteStatusBody;
+  const rows = [STATUS_HEADER];
   for (const l of s.luns) {
-    rows.push([l.name, l.role, l.mode, l.state, bytes(l.size), String(l.hosts), String(l.counters.writeOps),
-      bytes(l.counters.writeBytes), String(l.counters.readOps)]);
+    const journal = l.journal ? `${bytes(l.journal.bytes)}${l.journal.oldestAgeMs != null ? ` (${duration(l.journal.oldestAgeMs / 1000)} old)` : ''}` : '-';
+    rows.push([l.name, l.role, l.mode, l.state, l.protection ?? '-', l.catchup ? `${l.catchup.percent}%` : '-',
+      l.etaSeconds != null ? duration(l.etaSeconds) : '-', journal, l.lagBytes != null ? bytes(l.lagBytes) : '-',
+      bytes(l.size), String(l.hosts), String(l.counters.writeOps), bytes(l.counters.writeBytes), String(l.counters.readOps),
+      l.reason || '-']);
   }
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
   const table = rows.map((r) => r.map((c, i) => c.padEnd(widths[i])).join('  ').trimEnd()).join('\n');
-  return `site ${s.site}\n${table}`;
+  const head = [`site ${s.site}`];
+  const facts: string[] = [];
+  if (s.mirror) facts.push(`peer ${s.mirror.peer || '?'}, link ${s.mirror.health}`);
+  if (s.process) facts.push(`rss ${bytes(s.process.rssBytes)}, heap ${bytes(s.process.heapUsedBytes)}`);
+  if (facts.length) head.push(`(${facts.join('; ')})`);
+  return `${head.join('  ')}\n${table}\n${statusSummary(s)}`;
+}
+
+/** "3 LUNs: 2 uptodate, 1 resyncing; local-only: lun0 (resyncing, ETA 1m05s)". */
+export function statusSummary(s: SiteStatusBody): string {
+  const byState = new Map<string, number>();
+  for (const l of s.luns) byState.set(l.state, (byState.get(l.state) ?? 0) + 1);
+  const states = [...byState].map(([st, n]) => `${n} ${st}`).join(', ');
+  const local = s.luns.filter((l) => l.protection === 'local-only');
+  const primaries = s.luns.filter((l) => l.protection != null);
+  const journal = s.luns.reduce((sum, l) => sum + (l.journal?.bytes ?? 0), 0);
+  let prot: string;
+  if (primaries.length === 0) prot = 'no mirrored primaries here';
+  else if (local.length === 0) prot = `every mirrored primary protected by the peer`;
+  else prot = `local-only: ${local.map((l) => `${l.name} (${l.state}${l.etaSeconds != null ? `, ETA ${duration(l.etaSeconds)}` : ''})`).join(', ')}`;
+  return `${s.luns.length} LUN${s.luns.length === 1 ? '' : 's'}${states ? `: ${states}` : ''}; ${prot}${journal ? `; journals ${bytes(journal)}` : ''}`;
+}
+
+/** 42s, 3m05s, 2h07m. */
+export function duration(seconds: number): string {
+  const t = Math.max(0, Math.round(seconds));
+  if (t < 60) return `${t}s`;
+  if (t < 3600) return `${Math.floor(t / 60)}m${String(t % 60).padStart(2, '0')}s`;
+  return `${Math.floor(t / 3600)}h${String(Math.floor((t % 3600) / 60)).padStart(2, '0')}m`;
 }
 
 function bytes(n: number): string {
@@ -62,7 +131,7 @@ export interface ActionAnswer { status: number; body: unknown }
  * it takes (verify). Rejects with AdminUnreachableError when no connection could be made, with
  * AdminAnswerError when the connection was made but the answer timed out, broke off or is not JSON.
  */
-export function postAction(host: string, port: number, lun: string, action: string,
+export function postAction(target: AdminTarget, lun: string, action: string,
   query: Record<string, string> = {}, timeoutMs = 60_000): Promise<ActionAnswer> {
   const qs = new URLSearchParams(query).toString();
   const path = `/luns/${encodeURIComponent(lun)}/${encodeURIComponent(action)}${qs ? `?${qs}` : ''}`;
@@ -75,7 +144,8 @@ export function postAction(host: string, port: number, lun: string, action: stri
     };
     // agent: false — a fresh connection without the global agent's keep-alive socket timeout,
     // so a long verify is only bounded by `timeoutMs`.
-    const req = http.request({ host, port, path, method: 'POST', agent: false, headers: { 'content-length': 0 } }, (res) => {
+    const base = connectOptions(target);
+    const req = http.request({ ...base, path, method: 'POST', agent: false, headers: { ...base.headers, 'content-length': 0 } }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('error', fail);

@@ -1,8 +1,12 @@
-// Admin HTTP endpoint (loopback by default): GET /status returns the JSON behind `nbd-mirror status`,
-// GET /metrics the Prometheus text, and POST /luns/NAME/ACTION runs an operator action
-// (promote, demote, resolve, verify) through the site's SiteActions.
+// Admin HTTP endpoint: GET /status returns the JSON behind `nbd-mirror status`, GET /metrics the
+// Prometheus text, and POST /luns/NAME/ACTION runs an operator action (promote, demote, resolve,
+// verify) through the site's SiteActions. It listens twice: on TCP (loopback by default), where
+// reads are open to anyone who reaches it and actions need the bearer token of admin.tokenFile,
+// and on a unix socket only its owner may open (mode 0600), where everything is allowed.
+import crypto from 'node:crypto';
+import fs from 'node:fs';
 import http from 'node:http';
-import type { AddressInfo } from 'node:net';
+import net, { type AddressInfo } from 'node:net';
 import { listenOn } from '../net/listen.js';
 import { ActionError, type SiteActions } from './actions.js';
 
@@ -18,7 +22,7 @@ export const LUN_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 
 /** Query parameters each action accepts (anything else is refused, so a typo is not silently ignored). */
 const PARAMS: Record<ActionName, readonly string[]> = {
-  promote: ['force'],
+  promote: ['force', 'never-synced'],
   demote: [],
   resolve: ['discard'],
   verify: ['repair'],
@@ -26,30 +30,74 @@ const PARAMS: Record<ActionName, readonly string[]> = {
 
 class BadRequest extends Error {}
 
+export interface AdminAuth {
+  /** Bearer token that authorises actions over TCP; null: actions only on the socket. */
+  token: string | null;
+  /** Where actions are accepted, for the refusal message. */
+  socketPath: string | null;
+}
+
 export class AdminServer {
   private readonly server: http.Server;
+  private readonly socketServer: http.Server;
+  private socketPath: string | null = null;
 
   constructor(
     private readonly status: StatusSource,
     private readonly metrics: MetricsSource,
     private readonly actions?: SiteActions,
+    private readonly auth: AdminAuth = { token: null, socketPath: null },
   ) {
     // requestTimeout 0: a verify answers only when it has compared the whole LUN, which can take
     // longer than Node's default 300 s. (Stalled headers are still cut by headersTimeout; the
     // endpoint is bound to loopback.)
-    this.server = http.createServer({ requestTimeout: 0 }, (req, res) => this.route(req, res));
+    this.server = http.createServer({ requestTimeout: 0 }, (req, res) => this.route(req, res, false));
+    this.socketServer = http.createServer({ requestTimeout: 0 }, (req, res) => this.route(req, res, true));
   }
 
   listen(host: string, port: number): Promise<AddressInfo> {
     return listenOn(this.server, host, port);
   }
 
-  private route(req: http.IncomingMessage, res: http.ServerResponse): void {
+  /**
+   * The owner-only unix socket. A leftover socket file (a crash) is replaced; one a live site still
+   * answers on is EADDRINUSE; anything else at the path is refused rather than deleted.
+   */
+  async listenSocket(path: string, mode = 0o600): Promise<void> {
+    let st: fs.Stats | null = null;
+    try { st = fs.lstatSync(path); } catch { /* none */ }
+    if (st) {
+      if (!st.isSocket()) throw Object.assign(new Error(`admin socket ${path} exists and is not a socket`), { code: 'EEXIST' });
+      if (await answers(path)) {
+        throw Object.assign(new Error(`listen EADDRINUSE: ${path} (another site answers there)`), { code: 'EADDRINUSE', syscall: 'listen', address: path });
+      }
+      fs.unlinkSync(path);
+    }
+    // The umask closes the window between bind() (synchronous in listen()) and the chmod.
+    const old = process.umask(0o777 & ~mode);
+    let listening: Promise<void>;
+    try {
+      listening = new Promise<void>((resolve, reject) => {
+        this.socketServer.once('error', reject);
+        this.socketServer.listen(path, () => { this.socketServer.off('error', reject); resolve(); });
+      });
+    } finally {
+      process.umask(old);
+    }
+    await listening;
+    fs.chmodSync(path, mode);
+    this.socketPath = path;
+  }
+
+  private route(req: http.IncomingMessage, res: http.ServerResponse, trusted: boolean): void {
     // No route reads a body: drain whatever was sent so the request completes.
     req.resume();
     const url = new URL(req.url ?? '/', 'http://admin');
     const lunAction = /^\/luns\/([^/]+)\/([^/]+)$/.exec(url.pathname);
-    if (lunAction) return this.action(req, res, lunAction[1], lunAction[2], url.searchParams);
+    if (lunAction) {
+      if (!trusted && req.method === 'POST' && !this.authorised(req)) return this.refuse(req, res);
+      return this.action(req, res, lunAction[1], lunAction[2], url.searchParams);
+    }
     if (url.pathname === '/status' || url.pathname === '/metrics') {
       if (req.method !== 'GET') return send(res, 405, { error: 'method not allowed' }, { allow: 'GET' });
     }
@@ -66,6 +114,24 @@ export class AdminServer {
     }
     if (req.method !== 'GET' && req.method !== 'POST') return send(res, 405, { error: 'method not allowed' });
     send(res, 404, { error: `no such endpoint ${url.pathname}` });
+  }
+
+  private authorised(req: http.IncomingMessage): boolean {
+    const token = this.auth.token;
+    const m = /^Bearer (.+)$/.exec(req.headers.authorization ?? '');
+    if (!token || !m) return false;
+    const [a, b] = [Buffer.from(m[1]), Buffer.from(token)];
+    return a.length === b.length && crypto.timingSafeEqual(a, b);
+  }
+
+  private refuse(req: http.IncomingMessage, res: http.ServerResponse): void {
+    const where = this.auth.socketPath ? `the admin socket ${this.auth.socketPath}` : 'the admin socket';
+    if (this.auth.token) {
+      const why = req.headers.authorization ? 'wrong token' : 'no token';
+      return send(res, 401, { error: `operator actions over TCP need the token of admin.tokenFile (${why}); or use ${where}` },
+        { 'www-authenticate': 'Bearer' });
+    }
+    send(res, 403, { error: `operator actions are only accepted on ${where} (or over TCP with admin.tokenFile set)` });
   }
 
   /** POST /luns/NAME/ACTION[?query]: run the action, answer with its result or its refusal. */
@@ -104,12 +170,24 @@ export class AdminServer {
     );
   }
 
-  close(): Promise<void> {
-    return new Promise((resolve) => {
-      this.server.close(() => resolve());
-      this.server.closeAllConnections();
-    });
+  async close(): Promise<void> {
+    await Promise.all([this.server, this.socketServer].map((srv) => new Promise<void>((resolve) => {
+      if (!srv.listening) return resolve();
+      srv.close(() => resolve());
+      srv.closeAllConnections();
+    })));
+    if (this.socketPath) fs.rmSync(this.socketPath, { force: true });
+    this.socketPath = null;
   }
+}
+
+/** True when something accepts connections on the unix socket at `path`. */
+function answers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const c = net.connect(path);
+    c.once('connect', () => { c.destroy(); resolve(true); });
+    c.once('error', () => resolve(false));
+  });
 }
 
 function decodeName(raw: string): string {
@@ -136,7 +214,8 @@ function parseAction(action: ActionName, lun: string, query: URLSearchParams): (
   switch (action) {
     case 'promote': {
       const force = flag(query, 'force');
-      return (a) => a.promote(lun, { force });
+      const neverSynced = flag(query, 'never-synced');
+      return (a) => a.promote(lun, neverSynced ? { force, neverSynced } : { force });
     }
     case 'demote':
       return (a) => a.demote(lun);

@@ -4,8 +4,10 @@
 import fs from 'node:fs';
 import convict from 'convict';
 import { loadHostCredentials, loadMirrorCredentials } from '../security/credentials.js';
-import { checkDataDir, SecurityError } from '../security/files.js';
-import { lunChild, schema, type LunConfig, type SiteConfig } from './schema.js';
+import { checkDataDir, checkSecretFile, SecurityError } from '../security/files.js';
+import { busyDevices, peerIsSelf, portConflicts, sharedBacking } from './conflicts.js';
+import { adminSocketPath, lunChild, lunSchema, schema, type LunConfig, type SiteConfig } from './schema.js';
+import { typeProblems } from './types.js';
 
 export class ConfigError extends Error {}
 
@@ -13,8 +15,15 @@ export function siteSchema() {
   return convict<SiteConfig>(schema as unknown as convict.Schema<SiteConfig>);
 }
 
+export interface CheckOptions {
+  /** Backing paths this process already holds open (a reload): not reported as busy. */
+  heldPaths?: ReadonlySet<string>;
+  /** false: the schema and the keys only, not the machine (LUN paths, key files, devices): for CLI clients of a running site. */
+  machine?: boolean;
+}
+
 /** Parse and validate configuration text; `origin` names the file in messages. */
-export function parseConfig(text: string, origin: string, env: NodeJS.ProcessEnv = process.env): SiteConfig {
+export function parseConfig(text: string, origin: string, env: NodeJS.ProcessEnv = process.env, opts: CheckOptions = {}): SiteConfig {
   let raw: unknown;
   try {
     raw = JSON.parse(text);
@@ -28,6 +37,10 @@ export function parseConfig(text: string, origin: string, env: NodeJS.ProcessEnv
   if (luns !== undefined && !Array.isArray(luns)) {
     throw new ConfigError(`${origin}: luns: must be an array of LUN objects (got ${luns === null ? 'null' : typeof luns})`);
   }
+  // JSON types first: convict would coerce a string "no" to true.
+  const typeErrors = typeProblems(raw as Record<string, unknown>, schema as unknown as Record<string, unknown>,
+    lunSchema as unknown as Record<string, unknown>);
+  if (typeErrors.length) throw new ConfigError(`${origin}: ${typeErrors.join('; ')}`);
   const conf = convict<SiteConfig>(schema as unknown as convict.Schema<SiteConfig>, { env, args: [] });
   try {
     conf.load(raw);
@@ -37,22 +50,29 @@ export function parseConfig(text: string, origin: string, env: NodeJS.ProcessEnv
   }
   const cfg = conf.getProperties();
   if (!cfg.site) throw new ConfigError(`${origin}: site: required (this site's name)`);
+  const sock = adminSocketPath(cfg);
+  if (Buffer.byteLength(sock) > 107) {
+    throw new ConfigError(`${origin}: admin.socket: ${sock} is ${Buffer.byteLength(sock)} bytes, a unix socket path has at most 107; set admin.socket to a shorter path`);
+  }
   if (!('mirror' in raw)) cfg.mirror = null;
   else checkMirror(cfg.mirror!, origin);
   cfg.luns = cfg.luns.map((l) => lunChild().load(l).getProperties());
-  checkLuns(cfg, origin);
-  checkSecurity(cfg, origin);
+  const machine = opts.machine !== false;
+  checkLuns(cfg, origin, machine);
+  if (machine) checkSecurity(cfg, origin);
+  const clashes = [...portConflicts(cfg), ...peerIsSelf(cfg), ...(machine ? [...sharedBacking(cfg), ...busyDevices(cfg, opts.heldPaths)] : [])];
+  if (clashes.length) throw new ConfigError(`${origin}: ${clashes.join('; ')}`);
   return cfg;
 }
 
-export function loadConfig(file: string): SiteConfig {
+export function loadConfig(file: string, opts: CheckOptions = {}): SiteConfig {
   let text: string;
   try {
     text = fs.readFileSync(file, 'utf8');
   } catch (err) {
     throw new ConfigError(`${file}: cannot read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
-  return parseConfig(text, file);
+  return parseConfig(text, file, process.env, opts);
 }
 
 function checkMirror(m: NonNullable<SiteConfig['mirror']>, origin: string): void {
@@ -71,7 +91,7 @@ function checkMirror(m: NonNullable<SiteConfig['mirror']>, origin: string): void
   if (m.asyncWindowBytes < 1024 * 1024) throw new ConfigError(`${origin}: mirror.asyncWindowBytes: must be at least 1 MiB`);
 }
 
-function checkLuns(cfg: SiteConfig, origin: string): void {
+function checkLuns(cfg: SiteConfig, origin: string, machine: boolean): void {
   const luns: LunConfig[] = cfg.luns;
   const seen = new Set<string>();
   luns.forEach((lun, i) => {
@@ -86,6 +106,7 @@ function checkLuns(cfg: SiteConfig, origin: string): void {
     if (!cfg.mirror && (lun.role === 'secondary' || lun.mirror !== 'none')) {
       throw new ConfigError(`${key}: ${lun.role === 'secondary' ? 'a secondary LUN' : `mirror "${lun.mirror}"`} needs a "mirror" section (listener and peer)`);
     }
+    if (!machine) return;
     let st: fs.Stats;
     try {
       st = fs.statSync(lun.path);
@@ -98,12 +119,25 @@ function checkLuns(cfg: SiteConfig, origin: string): void {
   });
 }
 
+/** admin.tokenFile's token, or null when none is configured. */
+export function loadAdminToken(cfg: Pick<SiteConfig, 'admin'>): string | null {
+  const file = cfg.admin.tokenFile;
+  if (!file) return null;
+  checkSecretFile(file, 'admin.tokenFile');
+  const token = fs.readFileSync(file, 'utf8').trim();
+  if (token.length < 16 || /\s/.test(token)) {
+    throw new SecurityError(`admin.tokenFile: ${file}: the token must be one word of at least 16 characters`);
+  }
+  return token;
+}
+
 /** Key files, certificates and dataDir: present, parseable, and not open to other users. */
 function checkSecurity(cfg: SiteConfig, origin: string): void {
   try {
     checkDataDir(cfg.dataDir);
     if (cfg.mirror) loadMirrorCredentials(cfg.mirror);
     loadHostCredentials(cfg.listen);
+    loadAdminToken(cfg);
   } catch (err) {
     if (err instanceof SecurityError) throw new ConfigError(`${origin}: ${err.message}`);
     throw err;

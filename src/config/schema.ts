@@ -5,7 +5,7 @@ import { parseCidr } from '../net/cidr.js';
 
 export const LUN_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 
-const lunSchema = {
+export const lunSchema = {
   name: {
     doc: 'Export name hosts attach to; pairs a primary with the secondary of the same name on the peer.',
     format: (v: unknown) => {
@@ -145,8 +145,16 @@ export const schema = {
     env: 'NBD_MIRROR_DATA_DIR',
   },
   admin: {
-    host: { doc: 'Address of the admin HTTP endpoint (status, metrics, and the promote/demote/resolve/verify actions). Keep it on loopback: it has no authentication.', format: 'host', default: '127.0.0.1', env: 'NBD_MIRROR_ADMIN_HOST' },
+    host: { doc: 'Address of the admin HTTP endpoint: GET /status and /metrics for anyone who reaches it; operator actions (promote/demote/resolve/verify) only with the token of admin.tokenFile. Keep it on loopback.', format: 'host', default: '127.0.0.1', env: 'NBD_MIRROR_ADMIN_HOST' },
     port: { doc: 'Admin HTTP port (0 picks a free one).', format: 'port', default: 10811, env: 'NBD_MIRROR_ADMIN_PORT' },
+    socket: {
+      doc: 'Unix socket of the admin endpoint, mode 0600 (only the site\'s user, root under systemd, may connect): status, metrics and the operator actions. "" means admin.sock in dataDir.',
+      format: 'optional-path', default: '', env: 'NBD_MIRROR_ADMIN_SOCKET',
+    },
+    tokenFile: {
+      doc: 'File holding a secret token (at least 16 characters, not readable by others) that authorises operator actions over TCP (HTTP "Authorization: Bearer TOKEN"); "" allows actions on the socket only.',
+      format: 'optional-path', default: '', env: 'NBD_MIRROR_ADMIN_TOKEN_FILE',
+    },
   },
   luns: {
     doc: 'The LUNs this site exports: [{ name, path, role, mirror, readOnly, description }].',
@@ -241,9 +249,14 @@ export interface SiteConfig {
   mirror: MirrorConfig | null;
   listen: { host: string; port: number; tls: 'off' | 'allow' | 'require'; credentials: TlsCredentials };
   dataDir: string;
-  admin: { host: string; port: number };
+  admin: { host: string; port: number; socket: string; tokenFile: string };
   luns: LunConfig[];
   io: { fastPath: boolean };
   shutdownTimeoutMs: number;
   log: { level: 'error' | 'warn' | 'info' | 'debug'; format: 'json' | 'pretty' | 'auto' };
+}
+
+/** The admin socket's path: admin.socket, or admin.sock in dataDir. */
+export function adminSocketPath(cfg: Pick<SiteConfig, 'admin' | 'dataDir'>): string {
+  return cfg.admin.socket || `${cfg.dataDir.replace(/\/+$/, '')}/admin.sock`;
 }

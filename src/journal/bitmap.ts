@@ -14,6 +14,7 @@ import {
   BITMAP_CRC_COVERS, BITMAP_MAGIC, BITMAP_VERSION, bitmapHeader, closeFd, createFileAtomic, fdatasync, fstatSize,
   GroupSync, openFile, preadFull, pwriteFull,
 } from './record.js';
+import { nextSetBit, popcount8, type RegionSet } from './region-set.js';
 
 export class BitmapError extends Error {}
 
@@ -39,6 +40,12 @@ export class RegionBitmap {
   private setCount = 0;
   /** Byte indexes changed in memory since the last write started. */
   private dirty = new Set<number>();
+  /**
+   * Plus a span of bytes [dirtyLo, dirtyHi) changed by bulk operations (markRegions,
+   * clearRegions): a catch-up over millions of regions would otherwise queue millions of indexes.
+   */
+  private dirtyLo = 0;
+  private dirtyHi = 0;
   /** Byte indexes the write in flight carries (null: no write in flight). */
   private inflight: Set<number> | null = null;
   private inflightDone: Deferred | null = null;
@@ -149,14 +156,14 @@ export class RegionBitmap {
         needNext = true;
       } else if (!needNext) {
         // Set in memory, but maybe not on the file yet.
-        if (this.dirty.has(k)) needNext = true;
+        if (this.dirty.has(k) || (k >= this.dirtyLo && k < this.dirtyHi)) needNext = true;
         else if (this.inflight !== null && this.inflight.has(k)) needInflight = true;
       }
     }
     if (needNext) {
       // The writer is synchronous: the bytes are on the file when this returns.
       const p = this.waitNext();
-      if (this.dirty.size === 0 && this.inflight === null && !this.failure) return null;
+      if (!this.hasDirty() && this.inflight === null && !this.failure) return null;
       return p;
     }
     if (needInflight) return this.inflightDone!.promise;
@@ -180,12 +187,70 @@ export class RegionBitmap {
     return (this.bits[region >>> 3] & (1 << (region & 7))) !== 0;
   }
 
+  /**
+   * Set the bits of regions [first, first+n) in bulk (whole bytes at a time). Resolves once a
+   * write of them that started after they were set has completed, like mark().
+   */
+  markRegions(first: number, n: number): Promise<void> {
+    if (this.failure || this.closing) return Promise.reject(this.failure ? this.failedError() : this.closedError());
+    this.bulk(first, n, true);
+    return this.flushDirty();
+  }
+
+  /** Clear the bits of regions [first, first+n) in memory; persisted like clear(). */
+  clearRegions(first: number, n: number): void {
+    if (this.closing) throw this.closedError();
+    this.bulk(first, n, false);
+  }
+
+  private bulk(first: number, n: number, set: boolean): void {
+    if (n <= 0) return;
+    this.checkRegion(first);
+    this.checkRegion(first + n - 1);
+    const bits = this.bits;
+    const end = first + n;
+    for (let r = first; r < end;) {
+      const k = r >>> 3;
+      const from = r & 7;
+      const to = Math.min(8, from + (end - r));
+      const m = ((0xff << from) & (0xff >> (8 - to))) & 0xff;
+      const old = bits[k];
+      const now = set ? old | m : old & ~m;
+      if (now !== old) {
+        bits[k] = now;
+        this.setCount += popcount8(now) - popcount8(old);
+      }
+      r += to - from;
+    }
+    this.bulkSpan(first >>> 3, ((end - 1) >>> 3) + 1);
+  }
+
+  private bulkSpan(lo: number, hi: number): void {
+    if (this.dirtyLo >= this.dirtyHi) {
+      this.dirtyLo = lo;
+      this.dirtyHi = hi;
+    } else {
+      this.dirtyLo = Math.min(this.dirtyLo, lo);
+      this.dirtyHi = Math.max(this.dirtyHi, hi);
+    }
+  }
+
+  /** First set region at or after `from`, or -1: walks the bitmap without listing it. */
+  nextSet(from: number): number {
+    return nextSetBit(this.bits, from, this.regions);
+  }
+
+  /** Add every set region to `set`, except those in `except` (a word-wise copy, no list). */
+  addSetTo(set: RegionSet, except?: RegionSet): void {
+    set.addBits(this.bits, except);
+  }
+
   /** Number of set bits. */
   get count(): number {
     return this.setCount;
   }
 
-  /** Every set region, ascending. */
+  /** Every set region, ascending (small bitmaps and tests: a large LUN walks with nextSet()). */
   setRegions(): number[] {
     const out: number[] = [];
     const bits = this.bits;
@@ -200,7 +265,7 @@ export class RegionBitmap {
   /** Write every in-memory change not yet on the file (set and cleared bits). */
   flushDirty(): Promise<void> {
     if (this.failure) return Promise.reject(this.failedError());
-    if (this.dirty.size > 0) return this.waitNext();
+    if (this.hasDirty()) return this.waitNext();
     if (this.inflightDone) return this.inflightDone.promise;
     return Promise.resolve();
   }
@@ -228,6 +293,10 @@ export class RegionBitmap {
 
   // ---- the writer ------------------------------------------------------------------------------
 
+  private hasDirty(): boolean {
+    return this.dirty.size > 0 || this.dirtyLo < this.dirtyHi;
+  }
+
   private waitNext(): Promise<void> {
     const p = (this.next ??= deferred()).promise;
     this.kick();
@@ -239,30 +308,36 @@ export class RegionBitmap {
     if (this.inflight !== null || this.next === null) return;
     const done = this.next;
     this.next = null;
-    if (this.dirty.size === 0) return done.resolve();
+    if (!this.hasDirty()) return done.resolve();
     const carried = this.dirty;
+    const [spanLo, spanHi] = [this.dirtyLo, this.dirtyHi];
     this.dirty = new Set();
+    this.dirtyLo = this.dirtyHi = 0;
     this.inflight = carried;
     this.inflightDone = done;
 
     // Runs of nearby dirty bytes, written synchronously: a few bytes into the page cache cost
     // microseconds, far less than a thread-pool hop, and a synchronous write cannot be overtaken
     // by an older one of the same byte.
-    const idx = [...carried].sort((a, b) => a - b);
+    const idx = [...carried].filter((k) => k < spanLo || k >= spanHi).sort((a, b) => a - b);
     const headerLen = bitmapHeader.span;
+    const writeRun = (from: number, to: number) => {
+      for (let done = 0; done < to - from;) {
+        done += fs.writeSync(this.fd, this.bits, from + done, to - from - done, headerLen + from + done);
+      }
+    };
     try {
+      if (spanLo < spanHi) writeRun(spanLo, spanHi);
       for (let i = 0; i < idx.length;) {
         let j = i;
         while (j + 1 < idx.length && idx[j + 1] - idx[j] <= COALESCE_GAP) j++;
-        const from = idx[i];
-        const to = idx[j] + 1;
-        for (let done = 0; done < to - from;) {
-          done += fs.writeSync(this.fd, this.bits, from + done, to - from - done, headerLen + from + done);
-        }
+        writeRun(idx[i], idx[j] + 1);
         i = j + 1;
       }
     } catch (err) {
-      for (const k of carried) this.dirty.add(k);   // not known to be on the file: write again next time
+      // Not known to be on the file: write again next time.
+      for (const k of carried) this.dirty.add(k);
+      if (spanLo < spanHi) this.bulkSpan(spanLo, spanHi);
       this.finish(new BitmapError(`bitmap ${this.path}: write failed: ${(err as Error).message}`), done);
       return;
     }
@@ -306,11 +381,6 @@ function regionCount(lunSize: number, regionSize: number): number {
   return Math.ceil(lunSize / regionSize);
 }
 
-function popcount8(b: number): number {
-  b = b - ((b >> 1) & 0x55);
-  b = (b & 0x33) + ((b >> 2) & 0x33);
-  return (b + (b >> 4)) & 0x0f;
-}
 
 function encodeHeader(lunSize: number, regionSize: number): Buffer {
   const buf = Buffer.alloc(bitmapHeader.span);

@@ -43,7 +43,9 @@ export interface JournalRecovery {
 
 export class JournalError extends Error {}
 
-const KNOWN_FLAGS = MIRROR_FLAG.FUA | MIRROR_FLAG.MAY_PUNCH;
+// RESYNC: a region copy in flight when the link failed keeps its sequence number in the journal,
+// so the replay stays dense (a later record may depend on it).
+const KNOWN_FLAGS = MIRROR_FLAG.FUA | MIRROR_FLAG.MAY_PUNCH | MIRROR_FLAG.RESYNC;
 /** A coalesced write carries at most this many records (2 iovecs each: IOV_MAX is 1024)... */
 const MAX_BATCH_RECORDS = 512;
 /** ...and stops adding records once it holds this many bytes. */

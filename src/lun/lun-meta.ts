@@ -38,6 +38,11 @@ export interface LunMetaData {
   peerBase: string;
   /** Primary: the bits of the bitmap are regions to compare first (an initial sync under way). */
   syncCompare: boolean;
+  /**
+   * When this copy was promoted although it had never completed an initial sync (forced): its
+   * data is no state of the old primary, and status says so from then on. Absent/null: never.
+   */
+  promotedNeverSynced?: number | null;
   updatedMs: number;
 }
 
@@ -66,6 +71,12 @@ export class LunMeta {
   }
 
   get current(): string { return this.data.current; }
+
+  /** A secondary that never completed an initial sync (or whose copy was discarded) holds no state of any primary. */
+  get neverSynced(): boolean { return this.data.current === NO_GENERATION; }
+
+  /** Consistent: some past state of the primary (false while a resync runs, and for a never-synced copy). */
+  get consistent(): boolean { return this.data.consistent && !this.neverSynced; }
 
   /** Start a new generation (promotion; a primary's first write the peer does not have). */
   rotate(): Promise<void> {

@@ -14,9 +14,10 @@
 // Durability (docs/journal-format.md): the region bitmap is written before any mirrored change
 // lands locally, and cleared once the peer has everything for the region; so a crash of this
 // process at any moment leaves every possibly-unmirrored region marked.
-import crypto from 'node:crypto';
+import { setImmediate as yieldTurn } from 'node:timers/promises';
 import type { Logger } from '../log.js';
 import type { RegionBitmap } from '../journal/bitmap.js';
+import { RegionSet } from '../journal/region-set.js';
 import { JOURNAL_KIND, type Journal, type JournalEntry } from '../journal/journal.js';
 import { ENOTCONN, type MirrorOp } from '../mirror/peer-connection.js';
 import type { MirrorPool } from '../mirror/pool.js';
@@ -25,8 +26,10 @@ import {
 } from '../mirror/wire.js';
 import type { Backing } from '../storage/backing.js';
 import { hashRange } from '../storage/hash.js';
+import { CompareWalk, CompareWatch, TurnBudget, type CompareItem } from './catch-up-walk.js';
 import type { LunMeta } from './lun-meta.js';
 import { OverlapGate } from './overlap-gate.js';
+import { protectionOf, protectionReason } from './protection.js';
 import type { RateLimiter } from './rate-limit.js';
 
 export type MirrorState = 'connecting' | 'uptodate' | 'journaling' | 'replaying' | 'syncing' | 'resyncing' | 'unpaired' | 'split-brain';
@@ -39,12 +42,20 @@ export interface MirrorStore {
   maxJournalBytes: number;
 }
 
-const REPLAY_WINDOW_BYTES = 64 * 1024 * 1024;
-const REPLAY_BATCH_BYTES = 8 * 1024 * 1024;
+const REPLAY_WINDOW_BYTES = 8 * 1024 * 1024;
+const REPLAY_BATCH_BYTES = 2 * 1024 * 1024;
 const CLEAR_DELAY_MS = 2000;
-const RESYNC_WINDOW_BYTES = 32 * 1024 * 1024;
-/** Region comparisons (HASH requests) in flight during an initial sync. */
+const RESYNC_WINDOW_BYTES = 16 * 1024 * 1024;
+/** Comparisons (HASH requests) in flight during an initial sync. */
 const COMPARE_PARALLEL = 16;
+/**
+ * Largest range compared as one: a range that is a hole here, or one still all to compare whose
+ * bytes fit a sixteenth of a second of the background rate (its bytes are taken from the rate
+ * at once, so progress stays smooth); where the two copies differ, its regions are compared next.
+ */
+const COMPARE_COARSE_BYTES = 64 * 1024 * 1024;
+/** Regions marked per event-loop turn when a full sync starts (a 1 TiB LUN has 16.7 M). */
+const MARK_SLICE_REGIONS = 1 << 20;
 
 class PendingOp implements MirrorOp {
   reqId = 0;
@@ -85,10 +96,9 @@ export class LunMirror {
   /** Initial sync / full compare: regions compared, found equal (not sent), and their bytes. */
   readonly sync = { compared: 0, equal: 0, equalBytes: 0 };
   /** Regions to compare with the peer's copy (by hash) before deciding to send them. */
-  readonly compareNeeded = new Set<number>();
-  /** Regions being compared, and those of them a write touched meanwhile (their verdict is void). */
-  private readonly watching = new Set<number>();
-  private readonly touched = new Set<number>();
+  readonly compareNeeded: RegionSet;
+  /** Ranges being compared; a write into one meanwhile voids its verdict. */
+  private readonly watching = new CompareWatch();
   /** The peer's generation from its last answer. */
   private peerCurrent = '';
   private offlineRotated = false;
@@ -109,7 +119,7 @@ export class LunMirror {
   /** Regions that became clearable, and when (cleared after CLEAR_DELAY_MS of quiet). */
   private readonly clearCandidates = new Map<number, number>();
   /** Regions whose copy on the peer is stale and must be resent from local data. */
-  readonly resyncNeeded = new Set<number>();
+  readonly resyncNeeded: RegionSet;
   private flushWaiters: { target: number; resolve: () => void }[] = [];
   private windowWaiters: (() => void)[] = [];
   private appendsInFlight = 0;
@@ -118,6 +128,16 @@ export class LunMirror {
   private worker: Promise<void> | null = null;
   private kickAgain = false;
   inflightBytes = 0;
+  /**
+   * After a restart with a recovered journal: the peer may already have applied some of those
+   * records (and writes the old run sent beyond them), so replaying them is a resync, not an
+   * in-order catch-up — the peer is inconsistent (undo log) until SET_GEN.
+   */
+  private replayAsResync = false;
+  /** A RESYNC-flagged change was sent: the peer is inconsistent until it gets SET_GEN. */
+  private genNeeded = false;
+  /** Replay sessions in a row that sent records and saw none answered. */
+  private replayStalls = 0;
 
   constructor(
     readonly lun: string,
@@ -129,7 +149,10 @@ export class LunMirror {
     private readonly log: Logger,
     readonly meta: LunMeta,
     private readonly rate: RateLimiter,
-  ) {}
+  ) {
+    this.compareNeeded = new RegionSet(store.bitmap.regions);
+    this.resyncNeeded = new RegionSet(store.bitmap.regions);
+  }
 
   /** After recovery: continue numbering after the journal and resync every marked region. */
   recover(): void {
@@ -137,8 +160,9 @@ export class LunMirror {
     this.nextSeq = journal.maxSeq + 1;
     this.ackedPrefix = journal.records ? journal.minSeq - 1 : journal.maxSeq;
     this.doneHigh = journal.maxSeq;
+    this.replayAsResync = journal.records > 0;
     // An initial sync under way when we stopped: its regions are still to be compared, not sent blindly.
-    for (const r of bitmap.setRegions()) (this.meta.data.syncCompare ? this.compareNeeded : this.resyncNeeded).add(r);
+    bitmap.addSetTo(this.meta.data.syncCompare ? this.compareNeeded : this.resyncNeeded);
     if (journal.records || this.resyncNeeded.size) {
       this.transition('journaling', `recovered ${journal.records} journal records and ${this.resyncNeeded.size} dirty regions`);
     }
@@ -168,7 +192,9 @@ export class LunMirror {
     const j = this.store.journal;
     const d = this.meta.data;
     return {
-      id, name: this.lun, size, instance: this.instance, nextSeq: j.records ? j.minSeq : this.nextSeq,
+      // Resume after what the peer answered: records at or below it may be in the journal still
+      // (the hand-over to live mirroring drops them only after a peer flush), but never again.
+      id, name: this.lun, size, instance: this.instance, nextSeq: j.records ? Math.max(j.minSeq, this.ackedPrefix + 1) : this.nextSeq,
       lineage: { current: d.current, history: d.history, peerBase: d.peerBase }, flags: d.discardPeer ? OFFER_FLAG.FORCE : 0,
     };
   }
@@ -196,12 +222,27 @@ export class LunMirror {
     }
     this.peerCurrent = answer.current;
     this.linkUp = true;
+    this.resumeAfter(answer.applied);
     if (this.meta.data.splitBrain) {
       this.log.warn('split brain resolved: the peer accepted this LUN again', { lun: this.lun });
       this.meta.update({ splitBrain: null }).catch((err: Error) => this.metaFailed(err));
     }
     if (answer.sync === SYNC.FULL) this.startFullSync().then(() => this.kick(), (err: Error) => this.metaFailed(err));
     else this.kick();
+  }
+
+  /**
+   * The peer says it has applied every request of this run up to `applied` (it records that
+   * point durably): requests it answered before a cut whose replies we lost count as answered.
+   */
+  private resumeAfter(applied: number): void {
+    if (!(applied > this.ackedPrefix && applied < this.nextSeq)) return;
+    for (let s = this.ackedPrefix + 1; s <= applied; s++) {
+      this.tracked.delete(s);
+      this.answered.delete(s);
+    }
+    this.ackedPrefix = applied;
+    while (this.answered.delete(this.ackedPrefix + 1)) this.tracked.delete(++this.ackedPrefix);
   }
 
   /** Start the catch-up worker, or have the running one start over when it ends. */
@@ -234,12 +275,15 @@ export class LunMirror {
   private async startFullSync(): Promise<void> {
     if (!this.meta.data.syncCompare) {
       this.log.info('full sync: every region is compared with the peer\'s copy and sent only where it differs', { lun: this.lun });
-      const marked = this.store.bitmap.mark(0, this.backing.size);
-      if (marked) await marked;
-      await this.store.bitmap.sync();
+      const bitmap = this.store.bitmap;
+      for (let r = 0; r < bitmap.regions; r += MARK_SLICE_REGIONS) {
+        await bitmap.markRegions(r, Math.min(MARK_SLICE_REGIONS, bitmap.regions - r));
+        await yieldTurn();
+      }
+      await bitmap.sync();
       await this.meta.update({ syncCompare: true });
     }
-    for (const r of this.store.bitmap.setRegions()) if (!this.resyncNeeded.has(r)) this.compareNeeded.add(r);
+    this.store.bitmap.addSetTo(this.compareNeeded, this.resyncNeeded);
   }
 
   /**
@@ -258,7 +302,7 @@ export class LunMirror {
 
   private noteTouched(pos: number, len: number): void {
     const [first, last] = this.store.bitmap.regionsOf(pos, len);
-    for (let r = first; r <= last; r++) if (this.watching.has(r)) this.touched.add(r);
+    this.watching.touch(first, last);
   }
 
   // ---- the host's write path ----------------------------------------------------------------
@@ -438,6 +482,37 @@ export class LunMirror {
       && this.appendsInFlight === 0;
   }
 
+  /**
+   * maybeClear() every set region not still to compare or resend, walking the bits: a full sync
+   * of a large LUN has millions set, all of them in compareNeeded.
+   */
+  private clearQuiet(): void {
+    const bitmap = this.store.bitmap;
+    const skip = (r: number, set: RegionSet) => (set.has(r) ? set.nextAbsent(r) : r);
+    for (let r = bitmap.nextSet(0); r >= 0;) {
+      const next = skip(skip(r, this.compareNeeded), this.resyncNeeded);
+      if (next < 0) return;
+      if (next !== r) {
+        r = bitmap.nextSet(next);
+        continue;
+      }
+      this.maybeClear(r);
+      r = bitmap.nextSet(r + 1);
+    }
+  }
+
+  /** clearable() for every region of [first, first+n), without a lookup per region where it can. */
+  private clearableRange(first: number, n: number): boolean {
+    if (this.store.journal.records !== 0 || this.appendsInFlight !== 0) return false;
+    if (this.resyncNeeded.countRange(first, n) !== 0 || this.compareNeeded.countRange(first, n) !== 0) return false;
+    if (this.pending.size < n) {
+      for (const r of this.pending.keys()) if (r >= first && r < first + n) return false;
+      return true;
+    }
+    for (let r = first; r < first + n; r++) if (this.pending.has(r)) return false;
+    return true;
+  }
+
   private needResync(offset: number, length: number): void {
     const [first, last] = this.store.bitmap.regionsOf(offset, length);
     for (let r = first; r <= last; r++) this.resyncNeeded.add(r);
@@ -476,6 +551,7 @@ export class LunMirror {
       return;
     }
     this.appendsInFlight++;
+    let failed: Error | null = null;
     try {
       await journal.append({
         seq, dep, offset, length, flags,
@@ -484,12 +560,16 @@ export class LunMirror {
       });
       if (this.mode === 'sync' || (flags & MIRROR_FLAG.FUA)) await journal.sync();
     } catch (err) {
-      // A full disk under dataDir (or any journal failure) must not fail host writes: fall back to the bitmap.
-      this.log.error('journal append failed', { lun: this.lun, error: (err as Error).message });
-      await this.overflow(`journal append failed: ${(err as Error).message}`);
-      this.needResync(offset, length);
+      failed = err as Error;
     } finally {
       if (--this.appendsInFlight === 0) for (const w of this.appendsIdle.splice(0)) w();
+    }
+    if (failed) {
+      // A full disk under dataDir (or any journal failure) must not fail host writes: fall back to
+      // the bitmap. (After this append stopped counting: overflow waits for appends in flight.)
+      this.log.error('journal append failed', { lun: this.lun, error: failed.message });
+      await this.overflow(`journal append failed: ${failed.message}`);
+      this.needResync(offset, length);
     }
   }
 
@@ -530,7 +610,11 @@ export class LunMirror {
 
   private async catchUp(): Promise<void> {
     try {
-      if (this.path === 'journal') await this.replay();
+      if (this.path === 'journal') {
+        const before = this.ackedPrefix;
+        const sentTo = await this.replay();
+        if (this.path === 'journal' && sentTo > before) await this.noteReplayProgress(before);
+      }
       if (!this.linkUp) return;
       if (this.path === 'bitmap' || this.resyncNeeded.size > 0 || this.compareNeeded.size > 0) await this.resync();
       if (!this.linkUp) return;
@@ -542,24 +626,50 @@ export class LunMirror {
     }
   }
 
-  /** Send the journal in sequence order while new writes queue behind it; then go live. */
-  private async replay(): Promise<void> {
+  /**
+   * A replay that ended with the link down: if it sent records and the peer answered none, three
+   * times in a row, it cannot make progress — resync the dirty regions instead of looping.
+   */
+  private async noteReplayProgress(before: number): Promise<void> {
+    if (this.ackedPrefix > before) {
+      this.replayStalls = 0;
+      return;
+    }
+    if (++this.replayStalls < 3) return;
+    this.replayStalls = 0;
+    this.log.error('journal replay made no progress in 3 sessions; the dirty regions are resynced instead', { lun: this.lun, ackedPrefix: this.ackedPrefix });
+    await this.overflow('journal replay made no progress in 3 sessions');
+  }
+
+  /**
+   * Send the journal in sequence order, from after what the peer has, while new writes queue
+   * behind it; then go live. Returns the last sequence number sent.
+   */
+  private async replay(): Promise<number> {
     const journal = this.store.journal;
-    if (journal.records > 0) this.transition('replaying', `${journal.records} journal records to send`);
-    this.progress.replayTotal = journal.records;
+    let lastSent = this.ackedPrefix;   // the peer has everything up to here (see resumeAfter)
+    const left = journal.records - firstIndexAfter(journal.entries(), lastSent);
+    if (left > 0) this.transition('replaying', `${left} journal records to send`);
+    this.progress.replayTotal = left;
     this.progress.replayDone = 0;
     this.progress.startedMs = Date.now();
-    let lastSent = 0;
     for (;;) {
-      if (!this.linkUp || this.path !== 'journal') return;
+      if (!this.linkUp || this.path !== 'journal') return lastSent;
       const entries = journal.entries();
       const from = firstIndexAfter(entries, lastSent);
-      if (from >= entries.length) {
+      if (from >= entries.length || entries[from].seq !== lastSent + 1) {
         if (this.appendsInFlight > 0) {
           await this.appendsSettled();
           continue;
         }
-        break;
+        if (from >= entries.length) break;
+        // A record the peer needs is not there: sending what follows would only wait for it.
+        this.log.error('journal replay cannot continue in order: a sequence number is missing; the dirty regions are resynced instead', {
+          lun: this.lun, missing: lastSent + 1, next: entries[from].seq,
+        });
+        await this.overflow(`journal has no record ${lastSent + 1}`);
+        this.pool.disconnect(`LUN ${this.lun}: journal gap, renegotiating`);
+        return lastSent;
       }
       if (this.replayBytes >= REPLAY_WINDOW_BYTES) {
         await this.sleep();
@@ -568,18 +678,22 @@ export class LunMirror {
       // A batch of records (up to REPLAY_BATCH_BYTES), their data read together.
       const batch: JournalEntry[] = [];
       let bytes = 0;
-      for (let k = from; k < entries.length && bytes < REPLAY_BATCH_BYTES; k++) {
+      // (Consecutive records only: a gap is found, above, before anything after it is sent.)
+      for (let k = from; k < entries.length && bytes < REPLAY_BATCH_BYTES && entries[k].seq === entries[from].seq + (k - from); k++) {
         batch.push(entries[k]);
         bytes += entries[k].length;
       }
       const writes = batch.filter((e) => e.kind === JOURNAL_KIND.WRITE);
       const datas = await journal.readDataMany(writes);
-      if (!this.linkUp || this.path !== 'journal') return;
+      if (!this.linkUp || this.path !== 'journal') return lastSent;
+      const extra = this.replayAsResync ? MIRROR_FLAG.RESYNC : 0;
       let w = 0;
       for (const e of batch) {
         const isWrite = e.kind === JOURNAL_KIND.WRITE;
         const data = isWrite ? datas[w++] : null;
-        const op = new PendingOp(this, isWrite ? MIRROR_OP.WRITE : MIRROR_OP.WRITE_ZEROES, e.flags, this.lunId, e.seq, e.dep,
+        const flags = e.flags | extra;
+        if (flags & MIRROR_FLAG.RESYNC) this.genNeeded = true;
+        const op = new PendingOp(this, isWrite ? MIRROR_OP.WRITE : MIRROR_OP.WRITE_ZEROES, flags, this.lunId, e.seq, e.dep,
           e.offset, e.length, data, 'replay');
         this.replayBytes += e.length;
         lastSent = e.seq;
@@ -597,8 +711,9 @@ export class LunMirror {
     const target = this.nextSeq - 1;
     if ((await this.peerFlush()) === 0 && this.path === 'live' && journal.maxSeq <= target && this.appendsInFlight === 0) {
       await journal.reset();
-      for (const r of this.store.bitmap.setRegions()) this.maybeClear(r);
+      this.clearQuiet();
     }
+    return lastSent;
   }
 
   /** Copy every stale region from local data; new writes are mirrored live meanwhile. */
@@ -610,22 +725,22 @@ export class LunMirror {
     }
     if (this.compareNeeded.size > 0) await this.compare();
     if (!this.linkUp || this.path !== 'live') return;
-    const regions = [...this.resyncNeeded].sort((a, b) => a - b);
-    this.transition('resyncing', `${regions.length} regions to copy from local data (the secondary is inconsistent until done)`);
-    this.progress.resyncTotal = regions.length;
+    const todo = this.resyncNeeded;
+    this.transition('resyncing', `${todo.size} regions to copy from local data (the secondary is inconsistent until done)`);
+    this.progress.resyncTotal = todo.size;
     this.progress.resyncDone = 0;
     this.progress.startedMs = Date.now();
     const size = this.store.bitmap.regionSize;
-    for (const r of regions) {
+    const turn = new TurnBudget();
+    let sent = 0;
+    // In region order, straight from the set's bits: regions added ahead of the walk go in this pass.
+    for (let r = todo.next(0); r >= 0; r = todo.next(r + 1)) {
       if (!this.linkUp || this.path !== 'live') return;
-      if (!this.resyncNeeded.has(r)) {
-        this.progress.resyncDone++;
-        continue;
-      }
       while (this.inflightBytes >= RESYNC_WINDOW_BYTES) {
         await this.sleep();
         if (!this.linkUp || this.path !== 'live') return;
       }
+      if (!todo.has(r)) continue;
       const start = r * size;
       const len = Math.min(size, this.backing.size - start);
       await this.rate.take(len);
@@ -640,41 +755,56 @@ export class LunMirror {
         }
         if (!this.linkUp || this.path !== 'live') return;
         const seq = this.nextSeq++;
+        this.genNeeded = true;
         const op = new PendingOp(this, hole ? MIRROR_OP.WRITE_ZEROES : MIRROR_OP.WRITE,
           (hole ? MIRROR_FLAG.MAY_PUNCH : 0) | MIRROR_FLAG.RESYNC, this.lunId, seq, this.doneHigh, start, len, data, 'resync', r);
         this.track(op);
         this.pool.send(op);
         this.doneHigh = seq;
+        if (++sent > this.progress.resyncTotal) this.progress.resyncTotal = sent;
         this.logProgress('resync', this.progress.resyncDone, this.progress.resyncTotal);
       } finally {
         this.gate.leave(token);
       }
+      await turn.yield();
     }
     while (this.linkUp && this.path === 'live' && this.inflight > 0 && this.resyncNeeded.size > 0) await this.sleep();
   }
 
   /**
-   * Initial sync / full compare: hash each region here and on the peer (pipelined, rate-limited);
-   * regions that differ, or that a write touched while they were compared, are resent by resync().
+   * Initial sync / full compare: hash ranges here and on the peer (pipelined, rate-limited),
+   * large ranges first (holes here in 64 MiB ranges, at no rate cost), then the regions of those
+   * that differ; regions that differ, or that a write touched while they were compared, are
+   * resent by resync(). The work list is the compareNeeded bits, walked in order.
    */
   private async compare(): Promise<void> {
-    const regions = [...this.compareNeeded].sort((a, b) => a - b);
-    this.transition('syncing', `comparing ${regions.length} regions with the peer's copy (the secondary is inconsistent until done)`);
-    this.progress.syncTotal = regions.length;
+    const todo = this.compareNeeded;
+    this.transition('syncing', `comparing ${todo.size} regions with the peer's copy (the secondary is inconsistent until done)`);
+    this.progress.syncTotal = todo.size;
     this.progress.syncDone = 0;
     this.progress.startedMs = Date.now();
+    const rs = this.store.bitmap.regionSize;
+    const holeRegions = Math.max(1, Math.floor(COMPARE_COARSE_BYTES / rs));
+    const fit = Math.max(1, Math.floor(Math.min(COMPARE_COARSE_BYTES, this.rate.bytesPerSec / 16) / rs));
+    const dataRegions = 2 ** Math.floor(Math.log2(fit));
+    const walk = new CompareWalk(todo, { regions: todo.regions, holeRegions, dataRegions, isHole: (f, n) => this.allHole(f, n) });
+    const turn = new TurnBudget();
     const inflight = new Set<Promise<void>>();
-    for (const r of regions) {
+    for (;;) {
       if (!this.linkUp || this.path !== 'live') break;
-      if (!this.compareNeeded.has(r)) {
-        this.progress.syncDone++;
+      const item = walk.next();
+      if (!item) {
+        if (inflight.size === 0) break;
+        await Promise.race(inflight);   // one may descend: its regions come next
         continue;
       }
-      await this.rate.take(this.store.bitmap.regionSize);
+      // Holes here cost no disk or link bandwidth: only ranges with data are rate-limited.
+      if (!this.allHole(item.first, item.n)) await this.rate.take(this.rangeBytes(item));
       while (inflight.size >= COMPARE_PARALLEL) await Promise.race(inflight);
-      const p: Promise<void> = this.compareRegion(r).finally(() => inflight.delete(p));
+      const p: Promise<void> = this.compareRegion(item, walk).finally(() => inflight.delete(p));
       inflight.add(p);
       this.logProgress('sync', this.progress.syncDone, this.progress.syncTotal);
+      await turn.yield();
     }
     await Promise.all(inflight);
     if (this.compareNeeded.size === 0 && this.meta.data.syncCompare) {
@@ -682,40 +812,62 @@ export class LunMirror {
     }
   }
 
-  private async compareRegion(r: number): Promise<void> {
-    const size = this.store.bitmap.regionSize;
-    const start = r * size;
-    const len = Math.min(size, this.backing.size - start);
-    this.watching.add(r);
-    this.touched.delete(r);
+  /** Compare one item; equal: its regions are done; else descend into it, or (one region) resend it. */
+  private async compareRegion(item: CompareItem, walk: CompareWalk): Promise<void> {
+    const { first, n } = item;
+    const start = first * this.store.bitmap.regionSize;
+    const len = this.rangeBytes(item);
+    const watch = this.watching.watch(first, n);
     try {
-      const data = Buffer.allocUnsafe(len);
+      let local: Buffer;
       let dep: number;
       const token = await this.gate.enter(start, len);
       try {
-        await this.backing.read(data, start);
-        dep = this.doneHigh;   // every write this region has seen completed locally, so is <= dep
+        local = await hashRange(this.backing, start, len);
+        dep = this.doneHigh;   // every write this range has seen completed locally, so is <= dep
       } finally {
         this.gate.leave(token);
       }
-      const local = crypto.createHash('sha256').update(data).digest();
       const remote = await this.hashPeer(start, len, dep);
-      if (!remote) return;   // the link failed: the region stays to compare
-      this.compareNeeded.delete(r);
-      this.sync.compared++;
-      this.progress.syncDone++;
-      if (remote.equals(local) && !this.touched.has(r)) {
-        this.sync.equal++;
+      if (!remote) return;   // the link failed: the range stays to compare
+      const equal = remote.equals(local) && !watch.touched;
+      if (!equal && n > 1) return walk.descend(item);
+      this.compareNeeded.deleteRange(first, n);
+      this.sync.compared += n;
+      this.progress.syncDone += n;
+      if (equal) {
+        this.sync.equal += n;
         this.sync.equalBytes += len;
         // No write behind it: clear at once (persisted on the next tick), so a restart resumes here.
-        if (this.clearable(r)) this.store.bitmap.clear(r);
+        this.clearCompared(first, n);
       } else {
-        this.resyncNeeded.add(r);
+        this.resyncNeeded.add(first);
       }
     } finally {
-      this.watching.delete(r);
-      this.touched.delete(r);
+      this.watching.unwatch(watch);
     }
+  }
+
+  /** Bytes of regions [first, first+n) (the last region may be short). */
+  private rangeBytes(item: CompareItem): number {
+    const rs = this.store.bitmap.regionSize;
+    return Math.min(item.n * rs, this.backing.size - item.first * rs);
+  }
+
+  /** True if regions [first, first+n) are all hole here (a block device cannot tell: never). */
+  private allHole(first: number, n: number): boolean {
+    if (this.backing.isBlockDevice) return false;
+    const start = first * this.store.bitmap.regionSize;
+    const len = this.rangeBytes({ first, n });
+    const [e] = this.backing.extents(start, len, 1);
+    return e !== undefined && e.hole && e.length >= len;
+  }
+
+  /** Clear the bits of regions compared equal: in one bulk step when none of them has anything behind it. */
+  private clearCompared(first: number, n: number): void {
+    const bitmap = this.store.bitmap;
+    if (n > 1 && this.clearableRange(first, n)) return bitmap.clearRegions(first, n);
+    for (let r = first; r < first + n; r++) if (this.clearable(r)) bitmap.clear(r);
   }
 
   /** SHA-256 of the peer's copy of a range once everything up to `dep` is applied there; null if the link failed. */
@@ -737,7 +889,7 @@ export class LunMirror {
    */
   private async settleGeneration(): Promise<boolean> {
     const d = this.meta.data;
-    if (this.peerCurrent === d.current && d.peerBase === d.current && !d.syncCompare && !d.discardPeer) return true;
+    if (!this.genNeeded && this.peerCurrent === d.current && d.peerBase === d.current && !d.syncCompare && !d.discardPeer) return true;
     if ((await this.peerFlush()) !== 0 || this.path !== 'live') return false;
     const current = d.current;
     const payload = encodeGeneration(current, d.history);
@@ -749,6 +901,8 @@ export class LunMirror {
       return false;
     }
     this.peerCurrent = current;
+    this.genNeeded = false;
+    this.replayAsResync = false;
     await this.meta.update({ peerBase: current, syncCompare: false, discardPeer: false });
     return true;
   }
@@ -870,7 +1024,9 @@ export class LunMirror {
     this.lastProgressLog = now;
     const elapsed = (now - (what === 'verify' ? this.verifying!.startedMs : this.progress.startedMs)) / 1000;
     const etaSeconds = Math.round((elapsed / done) * (total - done));
-    this.log.info(`${what} progress`, { lun: this.lun, done, total, percent: Math.floor((100 * done) / total), etaSeconds });
+    this.log.info(`${what} progress`, {
+      lun: this.lun, done, total, percent: Math.floor((100 * done) / total), etaSeconds, protection: protectionOf(this.state, this.mode),
+    });
   }
 
   private transition(to: MirrorState, reason: string): void {
@@ -880,7 +1036,10 @@ export class LunMirror {
     this.reason = reason;
     if (from === to) return;
     const level = to === 'split-brain' ? 'error' : to === 'journaling' || to === 'unpaired' ? 'warn' : 'info';
-    this.log.log(level, 'LUN mirror state', { lun: this.lun, from, to, reason });
+    const protection = protectionOf(to, this.mode);
+    this.log.log(level, 'LUN mirror state', {
+      lun: this.lun, from, to, reason, protection, ...(protection === 'local-only' ? { protectionReason: protectionReason(to) } : {}),
+    });
   }
 }
 

@@ -2,6 +2,7 @@
 // (sync / async / journal) wraps these operations without the NBD layer knowing.
 import { allowList } from '../net/cidr.js';
 import type { Backing, Extent } from '../storage/backing.js';
+import type { AppliedPoint } from '../journal/applied-point.js';
 import type { UndoLog } from '../journal/undo-log.js';
 import type { LunMeta } from './lun-meta.js';
 import type { LunMirror } from './lun-mirror.js';
@@ -39,6 +40,8 @@ export class Lun {
   meta: LunMeta | null = null;
   /** Secondary: saves what resyncs overwrite so an interrupted one can be rolled back. */
   undo: UndoLog | null = null;
+  /** Secondary: how far it has applied the primary's requests (survives restarts). */
+  applied: AppliedPoint | null = null;
   /** Per-request latency hook (NBD command type, seconds), set by the metrics module. */
   latency: ((type: number, seconds: number) => void) | null = null;
 
@@ -108,5 +111,6 @@ export class Lun {
   async close(): Promise<void> {
     await this.backing.flush().catch(() => undefined);
     await this.backing.close();
+    await this.applied?.close().catch(() => undefined);
   }
 }

@@ -4,7 +4,7 @@ export class RateLimiter {
   private tokens: number;
   private last = Date.now();
 
-  constructor(private readonly bytesPerSec: number) {
+  constructor(readonly bytesPerSec: number) {
     this.tokens = bytesPerSec;
   }
 

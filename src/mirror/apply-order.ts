@@ -15,6 +15,13 @@ export class ApplyOrder {
   /** Bumped when a new primary run takes over: requests of the old run still waiting must not apply. */
   epoch = 0;
 
+  /** A restarted secondary: continue from the point it recorded (journal/applied-point.ts). */
+  restore(instance: Buffer, appliedPrefix: number): void {
+    this.instance = Buffer.from(instance);
+    this.appliedPrefix = appliedPrefix;
+    this.above.clear();
+  }
+
   /** A primary (re)connected: adopt its run, or skip ahead to where it says it resumes. */
   resume(instance: Buffer, nextSeq: number): void {
     if (!this.instance || !this.instance.equals(instance)) {

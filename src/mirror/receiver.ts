@@ -57,6 +57,8 @@ export class MirrorReceiver {
   private readonly sockets = new Set<net.Socket>();
   private readonly handlers = new Set<ReceiverConnection>();
   readonly secondaries = new Map<string, SecondaryState>();
+  /** The pairing last logged per LUN (feeder, sync, reason): "paired" is logged when it changes. */
+  private readonly loggedPairing = new Map<string, string>();
 
   constructor(private readonly luns: LunRegistry, private readonly opts: ReceiverOptions, private readonly log: Logger) {
     this.server = opts.transport
@@ -75,6 +77,9 @@ export class MirrorReceiver {
         order: new ApplyOrder(), feeder: null, connections: 0, applied: { ops: 0, bytes: 0, flushes: 0, errors: 0 },
         losingConsistency: null, pairing: null,
       };
+      // A restarted secondary knows which run it followed and how far: it never applies that again.
+      const point = this.luns.get(lun)?.applied;
+      if (point?.instance) s.order.restore(point.instance, point.prefix);
       this.secondaries.set(lun, s);
     }
     return s;
@@ -140,8 +145,8 @@ export class MirrorReceiver {
   /** Decide whether an offered primary LUN may feed our LUN of the same name (pairing.ts). */
   private async pair(offer: LunOffer, site: string, targets: Map<number, Target>): Promise<LunAnswer> {
     const lun = this.luns.get(offer.name);
-    const answer = (status: number, sync: number = SYNC.INCREMENTAL): LunAnswer => ({
-      id: offer.id, status, size: lun?.size ?? 0, sync, current: lun?.meta?.current ?? '',
+    const answer = (status: number, sync: number = SYNC.INCREMENTAL, applied = 0): LunAnswer => ({
+      id: offer.id, status, size: lun?.size ?? 0, sync, current: lun?.meta?.current ?? '', applied,
     });
     const refuse = (status: number, reason = PAIR_REASON[status]): LunAnswer => {
       this.log.warn('mirror LUN refused', { lun: offer.name, from: site, status, reason });
@@ -171,12 +176,18 @@ export class MirrorReceiver {
       // pairing must compare it whole (the peer keeps forcing until then).
       await meta.update({ splitBrain: null, localChanges: true });
     }
+    const sync = verdict.sync === SYNC.FULL ? 'full' : 'incremental';
+    // Each connection of the peer's pool pairs the LUN again: log only a change of the pairing.
+    const key = `${site}\0${sync}\0${verdict.reason}`;
+    const changed = this.loggedPairing.get(lun.name) !== key;
+    this.loggedPairing.set(lun.name, key);
     state.feeder = site;
     state.order.resume(offer.instance, offer.nextSeq);
-    state.pairing = { sync: verdict.sync === SYNC.FULL ? 'full' : 'incremental', reason: verdict.reason };
+    lun.applied?.record(state.order.instance!, state.order.appliedPrefix);
+    state.pairing = { sync, reason: verdict.reason };
     targets.set(offer.id, { lun, state, size: offer.size });
-    this.log.info('mirror LUN paired', { lun: lun.name, from: site, sync: state.pairing.sync, reason: verdict.reason });
-    return answer(PAIR.OK, verdict.sync);
+    if (changed) this.log.info('mirror LUN paired', { lun: lun.name, from: site, sync, reason: verdict.reason });
+    return answer(PAIR.OK, verdict.sync, Math.max(0, state.order.appliedPrefix));
   }
 
   /**
@@ -275,7 +286,10 @@ class ReceiverConnection implements FrameSink {
     const backing = t.lun.backing;
     try {
       if (h.type === MIRROR_OP.FLUSH) {
+        const instance = order.instance;
+        const prefix = order.appliedPrefix;   // everything up to here is in the page cache: the flush makes it stable
         await backing.flush();
+        if (instance) await t.lun.applied?.flushed(instance, prefix);
         applied.flushes++;
         return this.answer(h.reqId, 0);
       }
@@ -309,6 +323,10 @@ class ReceiverConnection implements FrameSink {
         return this.answer(h.reqId, 0);
       }
       if (order.isApplied(h.seq)) return this.answer(h.reqId, 0);
+      // Record the applied point up to this request's dep before it lands (applied-point.ts):
+      // after a restart nothing at or below it is applied again.
+      const point = t.lun.applied;
+      if (point && h.dep > point.prefix) point.record(order.instance!, order.appliedPrefix);
       await order.run(h.seq, async () => {
         const meta = t.lun.meta;   // the common case (consistent, live write) costs no await
         if (meta && ((h.flags & MIRROR_FLAG.RESYNC) || !meta.data.consistent || t.state.losingConsistency)) await this.beforeOverwrite(h, t);
@@ -339,7 +357,8 @@ class ReceiverConnection implements FrameSink {
       }).finally(() => { t.state.losingConsistency = null; });
     }
     if (t.state.losingConsistency) await t.state.losingConsistency;
-    if (!meta.data.consistent && undo && !undo.covers(h.offset, h.length)) await undo.protect(t.lun.backing, h.offset, h.length);
+    // A never-synced copy has no consistent state to keep: no undo log there (nothing to roll back to).
+    if (!meta.data.consistent && undo && !meta.neverSynced && !undo.covers(h.offset, h.length)) await undo.protect(t.lun.backing, h.offset, h.length);
   }
 
   /** SET_GEN: the primary caught up; this copy is consistent again and takes its generation. */

@@ -3,7 +3,8 @@
 import lo from 'buffer-layout';
 import { readU64, writeU64 } from '../net/u64.js';
 
-export const PROTOCOL_VERSION = 2;
+// 3: an answer carries the secondary's applied point (where the primary resumes).
+export const PROTOCOL_VERSION = 3;
 export const HELLO_MAGIC = Buffer.from('NBDMIRR1', 'latin1');
 export const REQUEST_MAGIC = 0x4d525251;   // "MRRQ"
 export const REPLY_MAGIC = 0x4d525250;     // "MRRP"
@@ -59,8 +60,8 @@ const offerEntry = lo.struct<{
   lo.u16be('id'), lo.nu64be('size'), lo.blob(8, 'instance'), lo.nu64be('nextSeq'), lo.blob(8, 'current'), lo.blob(8, 'peerBase'),
   lo.u16be('flags'), lo.u8('historyLen'), lo.u16be('nameLen'),
 ]);
-const answerEntry = lo.struct<{ id: number; status: number; size: number; sync: number; current: Buffer }>([
-  lo.u16be('id'), lo.u16be('status'), lo.nu64be('size'), lo.u8('sync'), lo.blob(8, 'current'),
+const answerEntry = lo.struct<{ id: number; status: number; size: number; sync: number; current: Buffer; applied: number }>([
+  lo.u16be('id'), lo.u16be('status'), lo.nu64be('size'), lo.u8('sync'), lo.blob(8, 'current'), lo.nu64be('applied'),
 ]);
 export const MAX_HISTORY = 16;
 /** Offer flags. FORCE: `resolve --discard-remote` was run here: the peer must take our data. */
@@ -82,8 +83,11 @@ export interface Lineage {
 
 /** A primary LUN the sender offers to mirror. */
 export interface LunOffer { id: number; name: string; size: number; instance: Buffer; nextSeq: number; lineage: Lineage; flags: number }
-/** The receiver's verdict on one offered LUN; `sync` says how to catch up, `current` is its generation. */
-export interface LunAnswer { id: number; status: number; size: number; sync: number; current: string }
+/**
+ * The receiver's verdict on one offered LUN; `sync` says how to catch up, `current` is its
+ * generation, `applied` the offered run's sequence number up to which it has applied everything.
+ */
+export interface LunAnswer { id: number; status: number; size: number; sync: number; current: string; applied: number }
 
 const ZERO_GEN = '0000000000000000';
 const gen = (hex: string): Buffer => Buffer.from(hex || ZERO_GEN, 'hex');
@@ -122,7 +126,7 @@ export function encodeHello(h: Omit<Hello, 'version'>): Buffer {
   } else {
     for (const a of h.answers) {
       const e = Buffer.alloc(answerEntry.span);
-      answerEntry.encode({ id: a.id, status: a.status, size: a.size, sync: a.sync, current: gen(a.current) }, e);
+      answerEntry.encode({ id: a.id, status: a.status, size: a.size, sync: a.sync, current: gen(a.current), applied: a.applied }, e);
       parts.push(e);
     }
   }
@@ -171,7 +175,8 @@ export function decodeHello(body: Buffer): Hello {
     } else {
       need(at, answerEntry.span);
       const a = answerEntry.decode(body, at);
-      answers.push({ id: a.id, status: a.status, size: a.size, sync: a.sync, current: a.current.toString('hex') });
+      if (!Number.isSafeInteger(a.applied)) throw new HelloError('applied point beyond 2^53');
+      answers.push({ id: a.id, status: a.status, size: a.size, sync: a.sync, current: a.current.toString('hex'), applied: a.applied });
       at += answerEntry.span;
     }
   }

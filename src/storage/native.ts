@@ -12,6 +12,7 @@ const iovec = koffi.struct('nbdm_iovec', { base: 'void *', len: 'size_t' });
 const preadv2Fn = libc.func('int64_t preadv2(int fd, const nbdm_iovec *iov, int iovcnt, int64_t offset, int flags)');
 const RWF_NOWAIT = 0x08;
 const EAGAIN = 11;
+const ENXIO = 6;
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
@@ -68,13 +69,21 @@ export function blkGetSize64(fd: number): number {
 
 /**
  * Next data (SEEK_DATA) or hole (SEEK_HOLE) at or after `offset`; -1 when there is none
- * (ENXIO: only holes up to end of file). Synchronous: a metadata lookup, cheap.
+ * (ENXIO: only holes up to end of file). Synchronous: a metadata lookup, cheap. Any other
+ * failure throws: a range must never read as a hole because a lookup failed.
  */
 export function seekData(fd: number, offset: number): number {
-  return Number(lseekFn(fd, offset, SEEK_DATA));
+  return seek(fd, offset, SEEK_DATA);
 }
 export function seekHole(fd: number, offset: number): number {
-  return Number(lseekFn(fd, offset, SEEK_HOLE));
+  return seek(fd, offset, SEEK_HOLE);
+}
+
+function seek(fd: number, offset: number, whence: number): number {
+  const at = Number(lseekFn(fd, offset, whence));
+  if (at >= 0) return at;
+  if (koffi.errno() === ENXIO) return -1;
+  throw sysError('lseek');
 }
 
 /**

@@ -1,7 +1,11 @@
 // The admin endpoint's operator actions (POST /luns/NAME/promote|demote|resolve|verify) against a
 // fake SiteActions: routing, query parsing, status codes and bodies; the postAction client.
 import { expect } from 'chai';
+import fs from 'node:fs';
 import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
 import { ActionError, type RoleChange, type SiteActions, type VerifyReport } from '../../src/admin/actions.js';
 import { AdminUnreachableError, postAction } from '../../src/admin/client.js';
 import { AdminServer } from '../../src/admin/server.js';
@@ -65,9 +69,11 @@ class FakeActions implements SiteActions {
 
 interface Answer { status: number; headers: http.IncomingHttpHeaders; body: any }
 
-function request(port: number, method: string, path: string): Promise<Answer> {
+/** `to`: a TCP port on 127.0.0.1, or the path of the admin socket. */
+function request(to: number | string, method: string, path: string, headers: Record<string, string> = {}): Promise<Answer> {
   return new Promise((resolve, reject) => {
-    const req = http.request({ host: '127.0.0.1', port, method, path, agent: false }, (res) => {
+    const where = typeof to === 'string' ? { socketPath: to } : { host: '127.0.0.1', port: to };
+    const req = http.request({ ...where, method, path, agent: false, headers }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => {
@@ -88,17 +94,23 @@ describe('admin endpoint: operator actions', function () {
   let fake: FakeActions;
   let server: AdminServer;
   let port: number;
-  const post = (path: string) => request(port, 'POST', path);
+  let dir: string;
+  let sock: string;
+  const post = (path: string) => request(sock, 'POST', path);
 
   beforeEach(async function () {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-admin-'));
+    sock = path.join(dir, 'admin.sock');
     fake = new FakeActions();
-    server = new AdminServer(() => ({ site: 'a', luns: [] }), async () => '# metrics\n', fake);
+    server = new AdminServer(() => ({ site: 'a', luns: [] }), async () => '# metrics\n', fake, { token: null, socketPath: sock });
     port = (await server.listen('127.0.0.1', 0)).port;
+    await server.listenSocket(sock);
   });
 
   afterEach(async function () {
     fake.release();
     await server.close();
+    fs.rmSync(dir, { recursive: true, force: true });
   });
 
   describe('routing and query parsing', function () {
@@ -193,7 +205,7 @@ describe('admin endpoint: operator actions', function () {
 
     it('unknown action → 404 (whatever the method)', async function () {
       for (const method of ['POST', 'GET']) {
-        const a = await request(port, method, '/luns/lun0/explode');
+        const a = await request(sock, method, '/luns/lun0/explode');
         expect(a.status, method).to.equal(404);
         expect(a.body.error).to.match(/no such action "explode"/);
       }
@@ -254,7 +266,8 @@ describe('admin endpoint: operator actions', function () {
 
   it('without SiteActions: 501 with a clear message', async function () {
     const bare = new AdminServer(() => ({}), async () => '');
-    const p = (await bare.listen('127.0.0.1', 0)).port;
+    const p = path.join(dir, 'bare.sock');
+    await bare.listenSocket(p);
     try {
       const a = await request(p, 'POST', '/luns/lun0/promote');
       expect(a.status).to.equal(501);
@@ -280,27 +293,27 @@ describe('admin endpoint: operator actions', function () {
 
   describe('postAction (client)', function () {
     it('resolves with status and body, for 200 and refusals alike', async function () {
-      const ok = await postAction('127.0.0.1', port, 'lun0', 'promote', { force: '1' }, 5000);
+      const ok = await postAction({ socketPath: sock }, 'lun0', 'promote', { force: '1' }, 5000);
       expect(ok).to.deep.equal({ status: 200, body: { lun: 'lun0', role: 'primary', notes: ['forced'] } });
       fake.failWith = new ActionError('peer is primary', 409);
-      const refused = await postAction('127.0.0.1', port, 'lun0', 'demote', {}, 5000);
+      const refused = await postAction({ socketPath: sock }, 'lun0', 'demote', {}, 5000);
       expect(refused).to.deep.equal({ status: 409, body: { error: 'peer is primary' } });
-      const bad = await postAction('127.0.0.1', port, 'lun0', 'resolve', { discard: 'both' }, 5000);
+      const bad = await postAction({ socketPath: sock }, 'lun0', 'resolve', { discard: 'both' }, 5000);
       expect(bad.status).to.equal(400);
       expect(fake.calls).to.deep.equal([['promote', 'lun0', { force: true }], ['demote', 'lun0']]);
     });
 
     it('encodes the LUN name and the query', async function () {
-      const a = await postAction('127.0.0.1', port, 'a b', 'demote', {}, 5000);
+      const a = await postAction({ socketPath: sock }, 'a b', 'demote', {}, 5000);
       expect(a.status).to.equal(400);
       expect((a.body as { error: string }).error).to.match(/bad LUN name "a b"/);
-      await postAction('127.0.0.1', port, 'lun.0', 'resolve', { discard: 'remote' }, 5000);
+      await postAction({ socketPath: sock }, 'lun.0', 'resolve', { discard: 'remote' }, 5000);
       expect(fake.calls).to.deep.equal([['resolve', 'lun.0', 'remote']]);
     });
 
     it('timeout 0 waits for a held verify', async function () {
       fake.armHold();
-      const answer = postAction('127.0.0.1', port, 'lun0', 'verify', { repair: '1' }, 0);
+      const answer = postAction({ socketPath: sock }, 'lun0', 'verify', { repair: '1' }, 0);
       await fake.verifyStarted;
       fake.release();
       const a = await answer;
@@ -312,10 +325,80 @@ describe('admin endpoint: operator actions', function () {
       const closed = await freePort();
       let err: unknown;
       try {
-        await postAction('127.0.0.1', closed, 'lun0', 'demote', {}, 5000);
+        await postAction({ host: '127.0.0.1', port: closed }, 'lun0', 'demote', {}, 5000);
       } catch (e) {
         err = e;
       }
+      expect(err).to.be.instanceOf(AdminUnreachableError);
+    });
+  });
+
+  describe('authentication', function () {
+    it('over TCP: GET /status and /metrics are open, every action is refused (403) and not run', async function () {
+      expect((await request(port, 'GET', '/status')).status).to.equal(200);
+      for (const p of ['/luns/lun0/promote?force=1', '/luns/lun0/demote', '/luns/lun0/resolve?discard=local', '/luns/lun0/verify?repair=1']) {
+        const a = await request(port, 'POST', p);
+        expect(a.status, p).to.equal(403);
+        expect(a.body.error, p).to.include(sock);
+      }
+      expect(fake.calls).to.deep.equal([]);
+    });
+
+    it('the socket is mode 0600 and takes actions; close() removes it', async function () {
+      expect(fs.statSync(sock).mode & 0o777).to.equal(0o600);
+      expect((await post('/luns/lun0/demote')).status).to.equal(200);
+      expect(fake.calls).to.deep.equal([['demote', 'lun0']]);
+      await server.close();
+      expect(fs.existsSync(sock)).to.equal(false);
+    });
+
+    it('a leftover socket file is replaced; a live one, or a file that is not a socket, is refused', async function () {
+      const other = new AdminServer(() => ({}), async () => '');
+      let err: unknown;
+      try { await other.listenSocket(sock); } catch (e) { err = e; }
+      expect((err as NodeJS.ErrnoException)?.code).to.equal('EADDRINUSE');
+      // A socket file nobody listens on (a crashed site): taken over.
+      const stale = path.join(dir, 'stale.sock');
+      const dead = net.createServer();
+      await new Promise<void>((r) => dead.listen(stale, () => r()));
+      fs.linkSync(stale, `${stale}.keep`);
+      await new Promise<void>((r) => dead.close(() => r()));
+      fs.renameSync(`${stale}.keep`, stale);
+      await other.listenSocket(stale);
+      expect((await request(stale, 'GET', '/status')).status).to.equal(200);
+      await other.close();
+      const plain = path.join(dir, 'plain');
+      fs.writeFileSync(plain, 'keep me');
+      const third = new AdminServer(() => ({}), async () => '');
+      err = undefined;
+      try { await third.listenSocket(plain); } catch (e) { err = e; }
+      expect((err as Error)?.message).to.match(/not a socket/);
+      expect(fs.readFileSync(plain, 'utf8')).to.equal('keep me');
+    });
+
+    it('with a token: TCP actions need "Authorization: Bearer TOKEN" (401 without or wrong)', async function () {
+      const token = 'a-long-secret-token-0123456789';
+      const tok = new AdminServer(() => ({}), async () => '', fake, { token, socketPath: null });
+      const p = (await tok.listen('127.0.0.1', 0)).port;
+      try {
+        const none = await request(p, 'POST', '/luns/lun0/demote');
+        expect(none.status).to.equal(401);
+        expect(none.headers['www-authenticate']).to.equal('Bearer');
+        expect((await request(p, 'POST', '/luns/lun0/demote', { authorization: 'Bearer wrong' })).status).to.equal(401);
+        expect((await request(p, 'POST', '/luns/lun0/demote', { authorization: `Bearer ${token}x` })).status).to.equal(401);
+        expect(fake.calls).to.deep.equal([]);
+        expect((await request(p, 'POST', '/luns/lun0/demote', { authorization: `Bearer ${token}` })).status).to.equal(200);
+        const viaClient = await postAction({ host: '127.0.0.1', port: p, token }, 'lun0', 'promote', {}, 5000);
+        expect(viaClient.status).to.equal(200);
+        expect(fake.calls).to.deep.equal([['demote', 'lun0'], ['promote', 'lun0', { force: false }]]);
+      } finally {
+        await tok.close();
+      }
+    });
+
+    it('postAction to a socket nobody listens on: AdminUnreachableError', async function () {
+      let err: unknown;
+      try { await postAction({ socketPath: path.join(dir, 'none.sock') }, 'lun0', 'demote', {}, 5000); } catch (e) { err = e; }
       expect(err).to.be.instanceOf(AdminUnreachableError);
     });
   });

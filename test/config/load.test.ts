@@ -46,7 +46,7 @@ describe('config: parseConfig', function () {
     expect(cfg.listen).to.deep.equal({
       host: '127.0.0.1', port: 10809, tls: 'off', credentials: { pskFile: '', certFile: '', keyFile: '', caFile: '' },
     });
-    expect(cfg.admin).to.deep.equal({ host: '127.0.0.1', port: 10811 });
+    expect(cfg.admin).to.deep.equal({ host: '127.0.0.1', port: 10811, socket: '', tokenFile: '' });
     expect(cfg.log.level).to.equal('info');
     expect(cfg.log.format).to.equal('auto');
     expect(cfg.shutdownTimeoutMs).to.equal(10000);
@@ -228,5 +228,117 @@ describe('config: loadConfig', function () {
   it('a missing file is a ConfigError naming the file', function () {
     const missing = path.join(dir, 'missing.json');
     expect(() => loadConfig(missing)).to.throw(ConfigError, /missing\.json: cannot read: ENOENT/);
+  });
+});
+
+describe('config: strict types, suggestions and cross-key checks', function () {
+  let dir: string;
+  let image: string;
+  let image2: string;
+  before(function () {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-config-x-'));
+    image = path.join(dir, 'lun0.img');
+    image2 = path.join(dir, 'lun1.img');
+    fs.writeFileSync(image, Buffer.alloc(4096));
+    fs.writeFileSync(image2, Buffer.alloc(4096));
+  });
+  after(function () { fs.rmSync(dir, { recursive: true, force: true }); });
+
+  function configError(value: unknown, env: NodeJS.ProcessEnv = {}): string {
+    try {
+      parseConfig(JSON.stringify(value), ORIGIN, env);
+    } catch (err) {
+      expect(err).to.be.instanceOf(ConfigError);
+      const msg = (err as Error).message;
+      expect(msg, 'one line').to.not.include('\n');
+      return msg;
+    }
+    throw new Error(`accepted: ${JSON.stringify(value)}`);
+  }
+  const lun = (extra: Record<string, unknown> = {}) => ({ name: 'lun0', path: image, ...extra });
+
+  it('"readOnly": "no" is refused, saying a boolean was expected (no string→boolean coercion)', function () {
+    for (const v of ['no', 'false', 'true', 0, 1]) {
+      const msg = configError({ site: 'a', luns: [lun({ readOnly: v })] });
+      expect(msg).to.include('luns[0].readOnly');
+      expect(msg).to.include('must be a boolean');
+      expect(msg).to.include(typeof v === 'string' ? `the string "${v}"` : `the number ${v}`);
+    }
+    expect(parseConfig(JSON.stringify({ site: 'a', luns: [lun({ readOnly: true })] }), ORIGIN, {}).luns[0].readOnly).to.equal(true);
+  });
+
+  it('a port or count given as a string is refused (no string→number coercion)', function () {
+    expect(configError({ site: 'a', luns: [], listen: { port: '10809' } })).to.match(/listen\.port: must be a number.*the string "10809"/);
+    expect(configError({ site: 'a', luns: [], shutdownTimeoutMs: 1.5 })).to.match(/shutdownTimeoutMs: must be a number.*1\.5/);
+    expect(configError({ site: 'a', luns: [], io: { fastPath: 'yes' } })).to.include('io.fastPath: must be a boolean');
+    expect(configError({ site: 'a', luns: [], site2: 1, listen: 5 })).to.include('listen: must be an object');
+  });
+
+  it('environment overrides are still strings converted by the schema', function () {
+    const cfg = parseConfig(JSON.stringify({ site: 'a', luns: [] }), ORIGIN, { NBD_MIRROR_LISTEN_PORT: '12345', NBD_MIRROR_IO_FAST_PATH: 'false' });
+    expect(cfg.listen.port).to.equal(12345);
+    expect(cfg.io.fastPath).to.equal(false);
+  });
+
+  it('an unknown key is answered with the nearest known key', function () {
+    expect(configError({ site: 'a', luns: [lun({ readonly: true })] })).to.include('luns[0].readonly: unknown key (did you mean "luns[0].readOnly"?)');
+    expect(configError({ site: 'a', luns: [], listen: { prot: 1 } })).to.include('listen.prot: unknown key (did you mean "listen.port"?)');
+    expect(configError({ site: 'a', luns: [], dataDri: '/x' })).to.include('did you mean "dataDir"?');
+    const far = configError({ site: 'a', luns: [], zzzzzzzz: 1 });
+    expect(far).to.include('zzzzzzzz: unknown key');
+    expect(far).to.not.include('did you mean');
+  });
+
+  it('duplicate ports between listen, mirror.listen and admin, same host or a wildcard', function () {
+    const mirror = (listen: Record<string, unknown>) => ({ tls: 'off', listen, peer: { host: '192.0.2.20', port: 10810 } });
+    let msg = configError({ site: 'a', luns: [], listen: { port: 7000 }, admin: { port: 7000 } });
+    expect(msg).to.include('listen.port and admin.port');
+    msg = configError({ site: 'a', luns: [], listen: { host: '0.0.0.0', port: 7001 }, mirror: mirror({ host: '127.0.0.1', port: 7001 }) });
+    expect(msg).to.include('listen.port and mirror.listen.port');
+    msg = configError({ site: 'a', luns: [], admin: { port: 7002 }, mirror: mirror({ host: '127.0.0.1', port: 7002 }) });
+    expect(msg).to.include('admin.port and mirror.listen.port');
+    // Different specific addresses, or port 0 (a free one each), do not clash.
+    expect(() => parseConfig(JSON.stringify({ site: 'a', luns: [], listen: { host: '127.0.0.2', port: 7003 }, admin: { host: '127.0.0.1', port: 7003 } }), ORIGIN, {})).to.not.throw();
+    expect(() => parseConfig(JSON.stringify({ site: 'a', luns: [], listen: { port: 0 }, admin: { port: 0 } }), ORIGIN, {})).to.not.throw();
+  });
+
+  it('two LUNs on one backing file (same realpath)', function () {
+    const link = path.join(dir, 'alias.img');
+    fs.rmSync(link, { force: true });
+    fs.symlinkSync(image, link);
+    const msg = configError({ site: 'a', luns: [lun(), { name: 'lun1', path: link }] });
+    expect(msg).to.include('luns[0].path and luns[1].path');
+    expect(configError({ site: 'a', luns: [lun(), { name: 'lun1', path: path.join(dir, '.', 'lun0.img') }] })).to.include('luns[0].path and luns[1].path');
+    expect(() => parseConfig(JSON.stringify({ site: 'a', luns: [lun(), { name: 'lun1', path: image2 }] }), ORIGIN, {})).to.not.throw();
+  });
+
+  it('a peer that is this site\'s own mirror listener', function () {
+    const msg = configError({ site: 'a', luns: [], mirror: { tls: 'off', listen: { host: '127.0.0.1', port: 7010 }, peer: { host: '127.0.0.1', port: 7010 } } });
+    expect(msg).to.include('mirror.peer.host and mirror.peer.port');
+    expect(configError({ site: 'a', luns: [], mirror: { tls: 'off', listen: { host: '0.0.0.0', port: 7011 }, peer: { host: 'localhost', port: 7011 } } }))
+      .to.include('own mirror listener');
+    expect(() => parseConfig(JSON.stringify({ site: 'a', luns: [], mirror: { tls: 'off', listen: { port: 7012 }, peer: { host: '127.0.0.1', port: 7013 } } }), ORIGIN, {})).to.not.throw();
+  });
+
+  it('admin.tokenFile: a secret file (not readable by others) with a token of at least 16 characters', function () {
+    const tok = path.join(dir, 'admin.token');
+    fs.writeFileSync(tok, 'short\n', { mode: 0o600 });
+    expect(configError({ site: 'a', luns: [], admin: { tokenFile: tok } })).to.match(/admin\.tokenFile: .*at least 16 characters/);
+    fs.writeFileSync(tok, 'a-token-long-enough-1234\n');
+    fs.chmodSync(tok, 0o644);
+    expect(configError({ site: 'a', luns: [], admin: { tokenFile: tok } })).to.match(/admin\.tokenFile: .*readable by every user/);
+    fs.chmodSync(tok, 0o600);
+    expect(parseConfig(JSON.stringify({ site: 'a', luns: [], admin: { tokenFile: tok } }), ORIGIN, {}).admin.tokenFile).to.equal(tok);
+  });
+
+  it('admin.socket: a path too long for a unix socket is refused, naming the key', function () {
+    expect(configError({ site: 'a', luns: [], dataDir: `/${'d'.repeat(120)}` })).to.match(/admin\.socket: .* at most 107/);
+    expect(configError({ site: 'a', luns: [], admin: { socket: `/${'s'.repeat(120)}.sock` } })).to.include('admin.socket');
+  });
+
+  it('several problems are one line naming every key', function () {
+    const msg = configError({ site: 'a', luns: [lun({ readOnly: 'no' })], listen: { port: '1' } });
+    expect(msg).to.include('luns[0].readOnly');
+    expect(msg).to.include('listen.port');
   });
 });

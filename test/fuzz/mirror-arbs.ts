@@ -42,7 +42,7 @@ export const helloOfferArb: fc.Arbitrary<LunOffer> = fc.record({
 export const answerArb: fc.Arbitrary<LunAnswer> = fc.record({
   id: u16, status: u16, size: u64,
   sync: fc.oneof({ weight: 3, arbitrary: fc.constantFrom(SYNC.INCREMENTAL, SYNC.FULL) }, { weight: 1, arbitrary: u8 }),
-  current: genArb,
+  current: genArb, applied: u64,
 });
 
 export const helloArb: fc.Arbitrary<Omit<Hello, 'version'>> = fc.oneof(

@@ -311,7 +311,7 @@ describe('fuzz: mirror receiver', function () {
         // Well-formed but refused: an answer instead of an offer, our own site name, other LUNs only.
         { weight: 2, arbitrary: fc.tuple(fc.constantFrom('answer', 'own-site', 'other-lun'), id8, fc.array(offerArb, { maxLength: 3 })).map(([why, session, offers]) => {
           if (why === 'answer') {
-            const answers: LunAnswer[] = [{ id: 0, status: 0, size: LUN_SIZE, sync: SYNC.INCREMENTAL, current: NO_GENERATION }];
+            const answers: LunAnswer[] = [{ id: 0, status: 0, size: LUN_SIZE, sync: SYNC.INCREMENTAL, current: NO_GENERATION, applied: 0 }];
             return encodeHello({ kind: HELLO_ANSWER, site: 'a', session, offers: [], answers });
           }
           if (why === 'own-site') return encodeHello({ kind: HELLO_OFFER, site: 'b', session, offers, answers: [] });
@@ -541,7 +541,7 @@ describe('fuzz: mirror receiver', function () {
     try {
       const { peer, answers } = await RawPeer.connect([offerOf(lineage(gen()))]);
       peers.push(peer);
-      expect(answers).to.deep.equal([{ id: 3, status: PAIR.OK, size: LUN_SIZE, sync: SYNC.FULL, current: NO_GENERATION }]);
+      expect(answers).to.deep.equal([{ id: 3, status: PAIR.OK, size: LUN_SIZE, sync: SYNC.FULL, current: NO_GENERATION, applied: 0 }]);
 
       // HASH: seq 0, a data reply of REPLY_SIZE + 32 bytes whose digest is that of the bytes on disk.
       const image = fs.readFileSync(file);

@@ -5,7 +5,7 @@
 //
 // Cutting both proxies is a real link cut: no TCP byte and no heartbeat gets through either way.
 // Each site keeps its dataDir and ports across restarts (kill + restart = the same config).
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import { FaultProxy } from './fault-proxy.js';
@@ -60,6 +60,8 @@ export interface OutagePairOptions {
   /** Extra keys of a's "mirror" section (e.g. journal.maxBytes). */
   mirrorA?: Record<string, unknown>;
   connections?: number;
+  /** Both images start with the same random bytes instead of holes (a compare then reads and hashes data). */
+  sameData?: boolean;
 }
 
 export class OutagePair {
@@ -83,6 +85,11 @@ export class OutagePair {
       a: await sparseFile(dir.join('a-lun0.img'), size),
       b: await sparseFile(dir.join('b-lun0.img'), size),
     };
+    if (opts.sameData) {
+      const data = randomBytes(size);
+      await fs.writeFile(files.a, data);
+      await fs.writeFile(files.b, data);
+    }
     const dataDirs = { a: dir.join('a-data'), b: dir.join('b-data') };
     await fs.mkdir(dataDirs.a, { recursive: true });
     await fs.mkdir(dataDirs.b, { recursive: true });

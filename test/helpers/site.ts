@@ -44,7 +44,7 @@ export interface SiteConfig {
   site: string;
   listen: { host: string; port: number } & ListenTlsInput;
   dataDir: string;
-  admin: { host: string; port: number };
+  admin: { host: string; port: number; socket?: string; tokenFile?: string };
   luns: LunConfig[];
   log: { level: string };
   [key: string]: unknown;
@@ -55,7 +55,7 @@ export interface SiteConfigInput {
   site?: string;
   listen?: { host?: string; port?: number } & ListenTlsInput;
   dataDir?: string;
-  admin?: { host?: string; port?: number };
+  admin?: { host?: string; port?: number; socket?: string; tokenFile?: string };
   luns: LunConfig[];
   log?: { level: string };
   /** Passed through to the config file unchanged. */
@@ -81,6 +81,8 @@ export interface Site {
   host: string;
   port: number;
   adminPort: number;
+  /** The admin unix socket (operator actions need it: POST over TCP is refused). */
+  adminSocket: string;
   /** Temp dir holding config.json (and dataDir unless one was given). */
   dir: TmpDir;
   configPath: string;
@@ -177,7 +179,7 @@ export async function startSite(input: SiteConfigInput, opts: StartSiteOptions =
       site: input.site ?? 'a',
       listen: { ...input.listen, host, port },
       dataDir,
-      admin: { host: adminHost, port: adminPort },
+      admin: { ...input.admin, host: adminHost, port: adminPort },
       luns: input.luns,
       log: input.log ?? { level: 'info' },
     };
@@ -260,6 +262,7 @@ export async function startSite(input: SiteConfigInput, opts: StartSiteOptions =
       host,
       port,
       adminPort,
+      adminSocket: config.admin.socket || path.join(dataDir, 'admin.sock'),
       dir,
       configPath,
       logs,

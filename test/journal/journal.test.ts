@@ -216,7 +216,7 @@ describe('journal', function () {
         { ...writeRec(1, 10), data: null },
         { ...zeroRec(1, 10), data: Buffer.alloc(10) },
         { ...writeRec(1, 10), kind: 3 },
-        { ...writeRec(1, 10), flags: 4 },
+        { ...writeRec(1, 10), flags: 8 },
         { ...writeRec(1, 10), seq: -1 },
         { ...writeRec(1, 10), seq: 2 ** 53 },
         { ...writeRec(1, 10), offset: LUN_SIZE - 9 },

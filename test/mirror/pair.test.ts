@@ -105,6 +105,16 @@ describe('mirror pair (two sites, real clients)', function () {
 
     after(() => cleanup.run());
 
+    it('"mirror LUN paired" is logged once per LUN, not once per pool connection (4 connections)', async function () {
+      for (const [site, lun] of [[pair.b, 'lun0'], [pair.a, 'lun1']] as const) {
+        const st = await siteStatus(pair.a === site ? pair.b : pair.a);
+        expect(st.mirror!.connections.filter((c) => c.status === 'up'), 'the feeding pool').to.have.length(4);
+        const paired = site.logs.filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as { message: string; lun?: string })
+          .filter((l) => l.message === 'mirror LUN paired');
+        expect(paired.map((l) => l.lun), `"mirror LUN paired" lines on ${site.config.site}`).to.deep.equal([lun]);
+      }
+    });
+
     it('nbdcopy 64 MiB into both primaries at once: primary == secondary == source right after each copy', async function () {
       const [srcHash0, srcHash1] = await Promise.all([sha256File(files.src0), sha256File(files.src1)]);
       expect(srcHash0).to.not.equal(await sha256File(files.a0));   // the copy has something to do
@@ -343,7 +353,9 @@ describe('mirror pair (two sites, real clients)', function () {
       expect(byName.get('lun0')!.reason).to.not.match(/smaller|no LUN/);
       const b = await siteStatus(pair.b);
       expect(b.luns.find((l) => l.name === 'lun0')!.state).to.equal('secondary-uptodate');
-      expect(b.luns.find((l) => l.name === 'big')!.state).to.equal('secondary-waiting');
+      // Refused, so it never synced: no state of the primary (issue 19.2).
+      expect(b.luns.find((l) => l.name === 'big')!.state).to.equal('secondary-inconsistent');
+      expect(b.luns.find((l) => l.name === 'big')!.reason).to.match(/never synced/);
     });
 
     it('the paired LUN still mirrors; the refused secondary stays untouched; unpaired LUNs write locally', async function () {

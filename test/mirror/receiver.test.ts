@@ -54,7 +54,7 @@ describe('mirror receiver (hand-rolled pool connections against a real site)', f
     clients.push(client);
     expect(answer.site).to.equal('b');
     // A secondary with no generation yet pairs with any primary, comparing everything.
-    expect(answer.answers).to.deep.equal([{ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.FULL, current: NO_GENERATION }]);
+    expect(answer.answers).to.deep.equal([{ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.FULL, current: NO_GENERATION, applied: nextSeq - 1 }]);
     return client;
   }
 
@@ -107,7 +107,8 @@ describe('mirror receiver (hand-rolled pool connections against a real site)', f
     expect(data.subarray(4096).every((x) => x === 0xbb)).to.equal(true);
     const st = await lunStatus(site, 'order');
     expect(st.appliedSeq).to.equal(2);
-    expect(st.state).to.equal('secondary-uptodate');
+    // Fed but never synced (no SET_GEN yet): no state of the primary, so not uptodate (issue 19.2).
+    expect(st.state).to.equal('secondary-syncing');
   });
 
   it('acknowledges a sequence number it already applied without applying it again', async function () {
@@ -157,7 +158,8 @@ describe('mirror receiver (hand-rolled pool connections against a real site)', f
 
   it('a resync write makes the copy inconsistent until SET_GEN, which adopts the primary\'s generation; the next pairing is incremental', async function () {
     const before = await genStatus(site, 'gen');
-    expect(before.generation).to.include({ current: NO_GENERATION, consistent: true, localChanges: false });
+    // A copy that never completed an initial sync is no state of the primary (issue 19.2).
+    expect(before.generation).to.include({ current: NO_GENERATION, consistent: false, neverSynced: true, localChanges: false });
     const c = await connect('gen', crypto.randomBytes(8));
     expect((await genStatus(site, 'gen')).pairing).to.include({ sync: 'full' });
 
@@ -167,7 +169,8 @@ describe('mirror receiver (hand-rolled pool connections against a real site)', f
     let st = await genStatus(site, 'gen');
     expect(st.generation.consistent, 'consistent during a resync').to.equal(false);
     expect(st.state).to.equal('secondary-syncing');
-    expect(st.undoRegions, 'regions saved in the undo log').to.be.at.least(1);
+    // A never-synced copy has no consistent state to keep: no undo log (issue 13).
+    expect(st.undoRegions, 'no undo log for a never-synced copy').to.equal(0);
 
     // A malformed SET_GEN is refused and changes nothing.
     const bad = Buffer.alloc(12, 0x33);
@@ -190,7 +193,7 @@ describe('mirror receiver (hand-rolled pool connections against a real site)', f
     // The primary's next run: its journal is relative to g (peerBase): incremental.
     const next = newGen();
     const { answer } = await offerLineage('gen', { current: next, history: [g, ...history], peerBase: g });
-    expect(answer).to.deep.equal({ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.INCREMENTAL, current: g });
+    expect(answer).to.deep.equal({ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.INCREMENTAL, current: g, applied: 0 });
     expect((await genStatus(site, 'gen')).pairing).to.include({ sync: 'incremental' });
   });
 
@@ -213,7 +216,7 @@ describe('mirror receiver (hand-rolled pool connections against a real site)', f
     expect(answer.status).to.equal(PAIR.SPLIT_BRAIN);
     // A forced offer (`resolve --discard-remote` on the peer) pairs, FULL; our copy counts as changed.
     ({ answer } = await offerLineage('split', { current: stranger, history: [], peerBase: '' }, OFFER_FLAG.FORCE));
-    expect(answer).to.deep.equal({ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.FULL, current: g });
+    expect(answer).to.deep.equal({ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.FULL, current: g, applied: 0 });
     st = await genStatus(site, 'split');
     expect(st.generation).to.include({ splitBrain: null, localChanges: true });
     expect(st.state).to.equal('secondary-uptodate');

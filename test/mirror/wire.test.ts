@@ -25,7 +25,7 @@ const OFFER_PEERBASE_AT = 34;
 const OFFER_FLAGS_AT = 42;
 const OFFER_HISTLEN_AT = 44;
 const OFFER_NAMELEN_AT = 45;
-const ANSWER_ENTRY = 21;
+const ANSWER_ENTRY = 29;   // id, status, size, sync, current, applied
 
 /** Offset of the first LUN entry in a hello body. */
 function firstEntry(h: Omit<Hello, 'version'>): number {
@@ -62,13 +62,13 @@ const ANSWER: Omit<Hello, 'version'> = {
   session: SESSION,
   offers: [],
   answers: [
-    { id: 0, status: PAIR.OK, size: 64 * 1024 * 1024, sync: SYNC.INCREMENTAL, current: 'a1b2c3d4e5f60718' },
-    { id: 1, status: PAIR.MISSING, size: 0, sync: SYNC.INCREMENTAL, current: ZERO_GEN },
-    { id: 2, status: PAIR.SMALLER, size: 4 * 1024 * 1024, sync: SYNC.FULL, current: 'ffffffffffffffff' },
-    { id: 3, status: PAIR.OK, size: 2 ** 53 - 1, sync: SYNC.FULL, current: ZERO_GEN },
-    { id: 4, status: PAIR.SPLIT_BRAIN, size: 1, sync: SYNC.FULL, current: '0123456789abcdef' },
-    { id: 5, status: PAIR.PEER_NEWER, size: 2, sync: 0xff, current: '0000000000000001' },
-    { id: 65535, status: PAIR.STALE_PRIMARY, size: 3, sync: SYNC.FULL, current: 'fedcba9876543210' },
+    { id: 0, status: PAIR.OK, size: 64 * 1024 * 1024, sync: SYNC.INCREMENTAL, current: 'a1b2c3d4e5f60718', applied: 0 },
+    { id: 1, status: PAIR.MISSING, size: 0, sync: SYNC.INCREMENTAL, current: ZERO_GEN, applied: 0 },
+    { id: 2, status: PAIR.SMALLER, size: 4 * 1024 * 1024, sync: SYNC.FULL, current: 'ffffffffffffffff', applied: 17 },
+    { id: 3, status: PAIR.OK, size: 2 ** 53 - 1, sync: SYNC.FULL, current: ZERO_GEN, applied: 2 ** 53 - 1 },
+    { id: 4, status: PAIR.SPLIT_BRAIN, size: 1, sync: SYNC.FULL, current: '0123456789abcdef', applied: 0 },
+    { id: 5, status: PAIR.PEER_NEWER, size: 2, sync: 0xff, current: '0000000000000001', applied: 5 },
+    { id: 65535, status: PAIR.STALE_PRIMARY, size: 3, sync: SYNC.FULL, current: 'fedcba9876543210', applied: 9 },
   ],
 };
 

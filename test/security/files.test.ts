@@ -27,7 +27,7 @@ describe('security: key files and dataDir', function () {
     return file;
   };
   const mirrored = (mirror: Record<string, unknown>, extra: Record<string, unknown> = {}) => JSON.stringify({
-    site: 'a', dataDir: path.join(dir, 'data'), mirror: { peer: { site: 'b' }, ...mirror },
+    site: 'a', dataDir: path.join(dir, 'data'), mirror: { peer: { site: 'b', host: '127.0.0.2' }, ...mirror },
     luns: [{ name: 'lun0', path: image, mirror: 'sync' }], ...extra,
   });
   const error = (text: string): string => {

@@ -88,6 +88,8 @@ describe('systemd units', function () {
     expect(one('WatchdogSec')).to.deep.equal(['10s']);
     expect(one('Restart')).to.deep.equal(['on-failure']);
     expect(one('RestartSec')).to.deep.equal(['2s']);
+    // A configuration error (exit 2: bad file, port taken) must not restart-loop.
+    expect(one('RestartPreventExitStatus')).to.deep.equal(['2']);
     expect(one('TimeoutStopSec')).to.deep.equal(['30s']);
     expect(one('ExecReload')).to.deep.equal(['/bin/kill -HUP $MAINPID']);
     expect(one('Environment')).to.include('UV_THREADPOOL_SIZE=32');
