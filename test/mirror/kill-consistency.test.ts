@@ -13,7 +13,7 @@ import http from 'node:http';
 import { setTimeout as delay } from 'node:timers/promises';
 import { checkCausality, decodeCopy, describeReport, startCausalWriter, type CausalRun, type CausalWriter, type Decoded } from '../helpers/causality.js';
 import { OutagePair, SHORT_HEARTBEAT, type OutagePairOptions } from '../helpers/outage-pair.js';
-import { Cleanup, cliPath, execNoThrow, pollUntil, sparseFile, tmpDir } from '../helpers/site.js';
+import { Cleanup, cliPath, execNoThrow, pollUntil, sparseFile, tmpDir, type Site } from '../helpers/site.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
@@ -68,9 +68,10 @@ async function secondaryLun(pair: OutagePair): Promise<Record<string, unknown> &
   return st.luns.find((l) => l.name === 'lun0') as unknown as Record<string, unknown> & { generation?: { consistent?: boolean } };
 }
 
-function postAction(port: number, verb: string): Promise<{ status: number; body: string }> {
+/** POST an operator action to a site's admin socket (actions over TCP are refused). */
+function postAction(site: Site, verb: string): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
-    const req = http.request({ host: '127.0.0.1', port, method: 'POST', path: `/luns/lun0/${verb}` }, (res) => {
+    const req = http.request({ socketPath: site.adminSocket, method: 'POST', path: `/luns/lun0/${verb}` }, (res) => {
       let body = '';
       res.setEncoding('utf8');
       res.on('data', (c: string) => { body += c; });
@@ -237,7 +238,7 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
         const refused = await promoteCli([]);
         expect(refused.code, `${tag}: promote of a never-synced copy must be refused (stdout ${refused.stdout.trim()} stderr ${refused.stderr.trim()})`).to.not.equal(0);
         expect(`${refused.stdout}${refused.stderr}`, `${tag}: the refusal says why`).to.match(/never.synced/i);
-        const http409 = await postAction(pair.b.adminPort, 'promote');
+        const http409 = await postAction(pair.b, 'promote');
         expect(http409.status, `${tag}: POST promote of a never-synced copy (${http409.body})`).to.equal(409);
         const forced = await promoteCli([FORCE_NEVER_SYNCED]);
         expect(forced.code, `${tag}: promote ${FORCE_NEVER_SYNCED} (stdout ${forced.stdout.trim()} stderr ${forced.stderr.trim()})`).to.equal(0);
@@ -309,7 +310,7 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
           return want;
         }
         case 'verify': {
-          const verify = postAction(pair.a.adminPort, 'verify');
+          const verify = postAction(pair.a, 'verify');
           verify.catch(() => undefined);
           await pair.waitLun((l) => (l as unknown as { verify: unknown }).verify !== null, 'a verify under way', 10_000);
           return 'verifying';
