@@ -213,7 +213,7 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
     const filled = await within(fill.result, 60_000, 'filling the primary');
     expect(filled.error).to.equal(null);
     const failures: string[] = [];
-    const seen = { syncing: 0, resyncing: 0 };
+    const seen: Record<string, number> = { syncing: 0, resyncing: 0 };
     const promoteCli = (flags: string[]) => execNoThrow(process.execPath, [cliPath(), 'promote', 'lun0', '--config', pair.b.configPath, '--json', ...flags], { timeoutMs: 20_000 });
     for (let it = 0; it < ITERATIONS; it++) {
       const phase = it % 2 === 0 ? 'syncing' : 'resyncing';
@@ -224,12 +224,15 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
         // A brand-new secondary: empty file, fresh dataDir.
         await pair.kill('b');
         await rig.wipeB();
+        const from = pair.a.logs.length;
         await pair.restart('b');
-        await pair.waitLun((l) => l.state === phase, `a's state ${phase} with the new secondary`, 20_000);
+        // The phase's start from a's log (a compare can be shorter than a status poll).
+        await pollUntil(() => pair.a.logs.slice(from).some((x) => x.includes('"LUN mirror state"') && x.includes(`"to":"${phase}"`)),
+          { timeoutMs: 20_000, intervalMs: 5, what: `a's "LUN mirror state" to ${phase} with the new secondary` });
         if (extraMs) await delay(extraMs);   // the kill instant
-        const atKill = await pair.lun();
+        const atKill = pair.lunTransitions().slice(-1)[0];
         await pair.kill('b');
-        seen[atKill.state as 'syncing' | 'resyncing'] = (seen[atKill.state as 'syncing' | 'resyncing'] ?? 0) + 1;
+        seen[atKill as 'syncing' | 'resyncing'] = (seen[atKill as 'syncing' | 'resyncing'] ?? 0) + 1;
         pair.cut();   // b comes back alone: nothing may finish its sync now
         await pair.restart('b');
         const l = await secondaryLun(pair);
