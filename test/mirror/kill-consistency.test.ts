@@ -205,8 +205,8 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
   // ---- b. a brand-new secondary killed during the initial sync -------------------------------
 
   it('a brand-new secondary SIGKILLed during the initial sync (compare and copy phases) says never synced, and promote refuses it unless forced', async function () {
-    // 16 MiB at 16 MiB/s: about 1 s of compare, then 1 s of copy.
-    const rig = await newRig('sync', { syncRateBytes: 16 * MiB });
+    // 2 MiB/s of background work: the copy of 16 MiB takes seconds, the kills land inside it.
+    const rig = await newRig('sync', { syncRateBytes: 2 * MiB });
     const pair = rig.pair;
     // Fill the primary so that every region differs from an empty copy.
     const fill = await startCausalWriter(pair.a.uri('lun0'), { qd: 8, conns: 2, span: SIZE, count: 4000, firstId: 1 });
@@ -233,6 +233,7 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
         const atKill = pair.lunTransitions().slice(-1)[0];
         await pair.kill('b');
         seen[atKill as 'syncing' | 'resyncing'] = (seen[atKill as 'syncing' | 'resyncing'] ?? 0) + 1;
+        if (atKill !== 'syncing' && atKill !== 'resyncing') continue;   // the sync had finished: a synced copy (counted in seen)
         pair.cut();   // b comes back alone: nothing may finish its sync now
         await pair.restart('b');
         const l = await secondaryLun(pair);
@@ -265,7 +266,7 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
       failures.push(`a complete initial sync of a brand-new secondary after the iterations: ${(err as Error).message.split('\n')[0].slice(0, 1500)}`);
     }
     report('initial-sync kills', { seed: SEED, killedIn: seen, failed: failures.length });
-    expect(seen.syncing + seen.resyncing, 'kills that hit a sync phase').to.be.greaterThan(0);
+    expect(seen.syncing + seen.resyncing, `kills that hit a sync phase (${JSON.stringify(seen)})`).to.be.at.least(Math.ceil(ITERATIONS * 0.75));
     expect(failures, `${failures.length} failures in ${ITERATIONS} iterations (seed ${SEED})`).to.deep.equal([]);
   });
 
