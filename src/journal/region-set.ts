@@ -139,6 +139,17 @@ export class RegionSet {
     this.addBits(other.bits);
   }
 
+  /** Remove every member of `other` (a set over as many regions): a word-wise AND NOT. */
+  deleteSet(other: RegionSet): void {
+    const o = other.bits;
+    for (let k = 0; k < o.length; k++) {
+      const drop = this.bits[k] & o[k];
+      if (drop === 0) continue;
+      this.bits[k] &= ~drop;
+      this.count -= popcount8(drop);
+    }
+  }
+
   clear(): void {
     this.bits.fill(0);
     this.count = 0;

@@ -11,6 +11,8 @@ export class FlushedClears {
   /** Regions of the round whose peer FLUSH is under way. */
   private flushing: RegionSet;
   private running = false;
+  /** forget() ran during the round: its batch must not be cleared. */
+  private forgotten = false;
 
   constructor(readonly regions: number) {
     this.gathering = new RegionSet(regions);
@@ -20,6 +22,19 @@ export class FlushedClears {
   /** Regions waiting for a peer FLUSH (this round's and the next's). */
   get waiting(): number {
     return this.gathering.size + this.flushing.size;
+  }
+
+  /** Take the waiting regions out of `set`: the peer has their data (they only wait for its FLUSH). */
+  subtractFrom(set: RegionSet): void {
+    set.deleteSet(this.gathering);
+    set.deleteSet(this.flushing);
+  }
+
+  /** Forget every waiting region (their bits stay set): the peer lost what it had not flushed. */
+  forget(): void {
+    this.forgotten = true;
+    this.gathering.clear();
+    this.flushing.clear();
   }
 
   add(r: number): void {
@@ -38,10 +53,12 @@ export class FlushedClears {
   async round(flush: () => Promise<boolean>, clear: (first: number, n: number) => void): Promise<void> {
     if (this.running || this.gathering.size === 0) return;
     this.running = true;
+    this.forgotten = false;
     [this.gathering, this.flushing] = [this.flushing, this.gathering];
     const batch = this.flushing;
     try {
       const ok = await flush().catch(() => false);
+      if (this.forgotten) return;
       if (!ok) {
         this.gathering.addSet(batch);
         return;

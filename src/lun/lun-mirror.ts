@@ -119,8 +119,9 @@ export class LunMirror {
   private readonly pending = new Map<number, number>();
   /** Regions that became clearable, and when (cleared after CLEAR_DELAY_MS of quiet). */
   private readonly clearCandidates = new Map<number, number>();
-  /** Clean regions waiting for a peer FLUSH before their bits go. */
+  /** Clean regions waiting for a peer FLUSH before their bits go: quiet ones, and ones the compare found equal. */
   private readonly clears: FlushedClears;
+  private readonly compareClears: FlushedClears;
   /** Regions whose copy on the peer is stale and must be resent from local data. */
   readonly resyncNeeded: RegionSet;
   private flushWaiters: { target: number; resolve: () => void }[] = [];
@@ -141,6 +142,11 @@ export class LunMirror {
   private genNeeded = false;
   /** Replay sessions in a row that sent records and saw none answered. */
   private replayStalls = 0;
+  /** Times the journal was dropped (overflow), and that count when the last offer was made. */
+  private drops = 0;
+  private offeredDrops = 0;
+  /** Start a new session without an outage (the sender sets it; tests may too). */
+  renegotiate: (reason: string) => void = (reason) => this.pool.disconnect(`renegotiating: ${reason}`);
 
   constructor(
     readonly lun: string,
@@ -156,6 +162,7 @@ export class LunMirror {
     this.compareNeeded = new RegionSet(store.bitmap.regions);
     this.resyncNeeded = new RegionSet(store.bitmap.regions);
     this.clears = new FlushedClears(store.bitmap.regions);
+    this.compareClears = new FlushedClears(store.bitmap.regions);
   }
 
   /** After recovery: continue numbering after the journal and resync every marked region. */
@@ -193,6 +200,7 @@ export class LunMirror {
 
   offer(id: number, size: number): LunOffer {
     this.lunId = id;
+    this.offeredDrops = this.drops;
     const j = this.store.journal;
     const d = this.meta.data;
     return {
@@ -222,6 +230,11 @@ export class LunMirror {
         return;
       }
       this.transition('unpaired', why);
+      return;
+    }
+    if (this.offeredDrops !== this.drops) {
+      // The journal was dropped after our offer was made: the peer would wait for its records.
+      this.renegotiate(`LUN ${this.lun}: the journal was dropped during the pairing`);
       return;
     }
     this.peerCurrent = answer.current;
@@ -259,6 +272,8 @@ export class LunMirror {
     this.log.warn('the peer lost writes it had acknowledged (a reboot before its flush): every marked region is resynced', {
       lun: this.lun, peerApplied: applied, acknowledged: this.ackedPrefix, regions: this.store.bitmap.count,
     });
+    this.clears.forget();
+    this.compareClears.forget();
     this.store.bitmap.addSetTo(this.meta.data.syncCompare ? this.compareNeeded : this.resyncNeeded);
     this.replayAsResync = true;
     this.genNeeded = true;
@@ -302,6 +317,9 @@ export class LunMirror {
         this.log.warn('full sync: the peer\'s copy is not the one the interrupted compare ran against: it starts over', { lun: this.lun });
       }
       this.log.info('full sync: every region is compared with the peer\'s copy and sent only where it differs', { lun: this.lun });
+      // Regions waiting to be marked clean were clean on another copy (or before this sync): not on this one.
+      this.clears.forget();
+      this.compareClears.forget();
       const bitmap = this.store.bitmap;
       for (let r = 0; r < bitmap.regions; r += MARK_SLICE_REGIONS) {
         await bitmap.markRegions(r, Math.min(MARK_SLICE_REGIONS, bitmap.regions - r));
@@ -311,6 +329,9 @@ export class LunMirror {
       await this.meta.update({ syncCompare: true, syncPeerCopy: peerCopy });
     }
     this.store.bitmap.addSetTo(this.compareNeeded, this.resyncNeeded);
+    // Resuming on the same copy: regions this compare found equal whose bits wait for a peer FLUSH
+    // are done (unless the peer lost them: peerLostWrites forgets them).
+    this.compareClears.subtractFrom(this.compareNeeded);
   }
 
   /**
@@ -618,7 +639,14 @@ export class LunMirror {
     // (the next offer skips the peer past them), so nothing issued so far is outstanding.
     this.answered.clear();
     this.ackedPrefix = this.nextSeq - 1;
+    this.drops++;
     this.releaseFlushWaiters();
+    // Paired meanwhile (or replaying): the peer waits for records that will never come. A new
+    // session's offer skips it past them.
+    if (this.linkUp) {
+      this.linkUp = false;
+      this.renegotiate(`LUN ${this.lun}: the journal was dropped while paired`);
+    }
   }
 
   // ---- catching up: replay, then resync, then live ------------------------------------------
@@ -867,7 +895,7 @@ export class LunMirror {
         this.sync.equal += n;
         this.sync.equalBytes += len;
         // No write behind it: cleared after the next peer FLUSH (see persistClears), so a restart resumes here.
-        this.clears.addRange(first, n);
+        this.compareClears.addRange(first, n);
       } else {
         this.resyncNeeded.add(first);
       }
@@ -1030,8 +1058,9 @@ export class LunMirror {
       this.clears.add(r);
     }
     // The bits go only after a peer FLUSH that covers their writes (flushed-clears.ts).
-    if (this.clears.waiting > 0 && this.path === 'live' && this.linkUp) {
-      this.clears.round(async () => this.path === 'live' && this.linkUp && (await this.peerFlush()) === 0, (first, n) => this.clearClean(first, n))
+    for (const set of [this.clears, this.compareClears]) {
+      if (set.waiting === 0 || this.path !== 'live' || !this.linkUp) continue;
+      set.round(async () => this.path === 'live' && this.linkUp && (await this.peerFlush()) === 0, (first, n) => this.clearClean(first, n))
         .catch((err: Error) => this.log.error('bitmap clear failed', { lun: this.lun, error: err.message }));
     }
     return this.store.bitmap.flushDirty();

@@ -56,6 +56,7 @@ export class MirrorSender {
     const mode = lun.spec.mirror;
     if (mode === 'none') return null;
     lun.mirror = new LunMirror(lun.name, mode, lun.backing, this.pool, store, this.cfg.asyncWindowBytes, this.log, lun.meta!, this.syncRate);
+    lun.mirror.renegotiate = (reason) => this.resession(reason);
     this.mirrored.push(lun);
     return lun.mirror;
   }

@@ -68,6 +68,13 @@ async function secondaryLun(pair: OutagePair): Promise<Record<string, unknown> &
   return st.luns.find((l) => l.name === 'lun0') as unknown as Record<string, unknown> & { generation?: { consistent?: boolean } };
 }
 
+/** a's last state changes and pairing lines, for a failure message. */
+function lastLines(pair: OutagePair): string {
+  const lines = pair.logLines('a').filter((x) => /LUN mirror state|full sync|paired|refused|journal|peer lost|link/.test(x.message)).slice(-8)
+    .map((x) => `${x.timestamp.slice(11)} ${x.message}${x.to ? ` -> ${String(x.to)}` : ''}${x.reason ? ` (${String(x.reason).slice(0, 80)})` : ''}`);
+  return `a's last lines: ${lines.join(' | ')}`;
+}
+
 /** POST an operator action to a site's admin socket (actions over TCP are refused). */
 function postAction(site: Site, verb: string): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
@@ -198,6 +205,8 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
       }
       report(`${mode} end-of-replay kills`, { seed: SEED, ...stats, failed: failures.length });
       expect(journalAppendFailures(rig.pair), '"journal append failed" on the primary').to.deep.equal([]);
+      // A killed process keeps its page cache: no kill here may look like a reboot that lost writes.
+      expect(rig.pair.logLines('a').filter((l) => l.message.startsWith('the peer lost writes')).length, 'a resync for writes lost by a reboot').to.equal(0);
       expect(failures, `${failures.length} of ${ITERATIONS} iterations failed (seed ${SEED})`).to.deep.equal([]);
     });
   }
@@ -205,25 +214,35 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
   // ---- b. a brand-new secondary killed during the initial sync -------------------------------
 
   it('a brand-new secondary SIGKILLed during the initial sync (compare and copy phases) says never synced, and promote refuses it unless forced', async function () {
-    // 2 MiB/s of background work: the copy of 16 MiB takes seconds, the kills land inside it.
-    const rig = await newRig('sync', { syncRateBytes: 2 * MiB });
+    // 8 MiB/s of background work: the compare and the copy of 16 MiB take seconds each, the kills land inside them.
+    const rig = await newRig('sync', { syncRateBytes: 8 * MiB });
     const pair = rig.pair;
     // Fill the primary so that every region differs from an empty copy.
     const fill = await startCausalWriter(pair.a.uri('lun0'), { qd: 8, conns: 2, span: SIZE, count: 4000, firstId: 1 });
     const filled = await within(fill.result, 60_000, 'filling the primary');
     expect(filled.error).to.equal(null);
+    // Every bit cleared (after a peer flush): the first new secondary has every region to compare, none already marked to copy.
+    await pair.waitLun((l) => l.dirtyRegions === 0, 'the fill mirrored and its dirty bits cleared', 20_000);
     const failures: string[] = [];
     const seen: Record<string, number> = { syncing: 0, resyncing: 0 };
     const promoteCli = (flags: string[]) => execNoThrow(process.execPath, [cliPath(), 'promote', 'lun0', '--config', pair.b.configPath, '--json', ...flags], { timeoutMs: 20_000 });
-    for (let it = 0; it < ITERATIONS; it++) {
-      const phase = it % 2 === 0 ? 'syncing' : 'resyncing';
-      // The compare of an empty copy is short: strike it early; the copy phase anywhere in its first 400 ms.
+    // ITERATIONS kills in the compare phase, then ITERATIONS in the copy phase (regions found to
+    // differ stay to copy, so a compare after a copy-phase kill would have little left to compare).
+    for (let it = 0; it < 2 * ITERATIONS; it++) {
+      const phase = it < ITERATIONS ? 'syncing' : 'resyncing';
+      // Strike the compare in its first 100 ms (found-different regions pile up over the iterations), the copy in its first 400 ms.
       const extraMs = Math.floor(rand() * (phase === 'syncing' ? 100 : 400));
       const tag = `iteration ${it} (${phase} + ${extraMs} ms)`;
       try {
         // A brand-new secondary: empty file, fresh dataDir.
         await pair.kill('b');
         await rig.wipeB();
+        // Regions found to differ by earlier compares stay to copy (in a's memory): a restarted
+        // primary compares every region again, so each compare-phase kill has a whole compare to strike.
+        if (phase === 'syncing') {
+          await pair.a.stop();
+          await pair.restart('a');
+        }
         const from = pair.a.logs.length;
         await pair.restart('b');
         // The phase's start from a's log (a compare can be shorter than a status poll).
@@ -249,7 +268,7 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
         const after = await secondaryLun(pair);
         expect(JSON.stringify(after), `${tag}: after a forced promote the status still says never synced`).to.match(/never.?synced/i);
       } catch (err) {
-        failures.push(`${tag}: ${(err as Error).message.split('\n')[0].slice(0, 800)}`);
+        failures.push(`${tag}: ${(err as Error).message.split('\n')[0].slice(0, 800)}; ${lastLines(pair)}`);
       } finally {
         pair.heal();
       }
@@ -266,8 +285,9 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
       failures.push(`a complete initial sync of a brand-new secondary after the iterations: ${(err as Error).message.split('\n')[0].slice(0, 1500)}`);
     }
     report('initial-sync kills', { seed: SEED, killedIn: seen, failed: failures.length });
-    expect(failures, `${failures.length} failures in ${ITERATIONS} iterations (seed ${SEED})`).to.deep.equal([]);
-    expect(seen.syncing + seen.resyncing, `kills that hit a sync phase (${JSON.stringify(seen)})`).to.be.at.least(Math.ceil(ITERATIONS * 0.75));
+    expect(failures, `${failures.length} failures in ${2 * ITERATIONS} iterations (seed ${SEED})`).to.deep.equal([]);
+    expect(seen.syncing, `kills in the compare phase (${JSON.stringify(seen)})`).to.be.at.least(ITERATIONS);
+    expect(seen.resyncing, `kills in the copy phase (${JSON.stringify(seen)})`).to.be.at.least(Math.ceil(ITERATIONS * 0.75));
   });
 
   // ---- c. a host FLUSH outstanding while the secondary dies ----------------------------------
@@ -290,7 +310,8 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
       };
       switch (phase) {
         case 'replay': {
-          await outage(4 * MiB);
+          // Well inside the 16 MiB journal: the writer keeps writing through the probation after the heal.
+          await outage(2 * MiB);
           const from = pair.a.logs.length;
           pair.heal();
           let st = '';
@@ -388,7 +409,10 @@ describe(`kill consistency: the secondary SIGKILLed at random instants (seed ${S
             expect(res.flushes.filter((x) => x[2] < 0), `${tag}: FLUSHes never answered`).to.deep.equal([]);
             await pair.waitConverged(CONVERGE_MS);
           } catch (err) {
-            failures.push(`${tag}: ${(err as Error).message.split('\n')[0].slice(0, 800)}`);
+            failures.push(`${tag}: ${(err as Error).message.split('\n')[0].slice(0, 800)}; ${lastLines(pair)}`);
+            // KILL_LOG_DUMP=prefix: both sites' whole logs go to prefix.a and prefix.b, for a failure to be read.
+            const dump = process.env.KILL_LOG_DUMP;
+            if (dump) for (const w of ['a', 'b'] as const) await fs.writeFile(`${dump}.${w}`, pair.logLines(w).map((x) => JSON.stringify(x)).join('\n'));
             await rig.writer?.kill();
             rig.writer = null;
             if (!pair.b.isAlive()) await pair.restart('b').catch(() => undefined);
