@@ -54,7 +54,9 @@ describe('mirror receiver (hand-rolled pool connections against a real site)', f
     clients.push(client);
     expect(answer.site).to.equal('b');
     // A secondary with no generation yet pairs with any primary, comparing everything.
-    expect(answer.answers).to.deep.equal([{ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.FULL, current: NO_GENERATION, applied: nextSeq - 1 }]);
+    // `copy` names this secondary's copy (one id per LUN, for as long as its metadata lives).
+    expect(answer.answers.map((a) => ({ ...a, copy: /^[0-9a-f]{16}$/.test(a.copy) && a.copy !== NO_GENERATION })))
+      .to.deep.equal([{ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.FULL, current: NO_GENERATION, applied: nextSeq - 1, copy: true }]);
     return client;
   }
 
@@ -193,7 +195,7 @@ describe('mirror receiver (hand-rolled pool connections against a real site)', f
     // The primary's next run: its journal is relative to g (peerBase): incremental.
     const next = newGen();
     const { answer } = await offerLineage('gen', { current: next, history: [g, ...history], peerBase: g });
-    expect(answer).to.deep.equal({ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.INCREMENTAL, current: g, applied: 0 });
+    expect({ ...answer, copy: '' }).to.deep.equal({ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.INCREMENTAL, current: g, applied: 0, copy: '' });
     expect((await genStatus(site, 'gen')).pairing).to.include({ sync: 'incremental' });
   });
 
@@ -216,7 +218,7 @@ describe('mirror receiver (hand-rolled pool connections against a real site)', f
     expect(answer.status).to.equal(PAIR.SPLIT_BRAIN);
     // A forced offer (`resolve --discard-remote` on the peer) pairs, FULL; our copy counts as changed.
     ({ answer } = await offerLineage('split', { current: stranger, history: [], peerBase: '' }, OFFER_FLAG.FORCE));
-    expect(answer).to.deep.equal({ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.FULL, current: g, applied: 0 });
+    expect({ ...answer, copy: '' }).to.deep.equal({ id: 0, status: PAIR.OK, size: MiB, sync: SYNC.FULL, current: g, applied: 0, copy: '' });
     st = await genStatus(site, 'split');
     expect(st.generation).to.include({ splitBrain: null, localChanges: true });
     expect(st.state).to.equal('secondary-uptodate');
