@@ -15,9 +15,15 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const data = path.resolve(process.env.DEMO_DIR ?? path.join(root, 'demo-data'));
 const SIZE = 256 * 1024 * 1024;
 
+// DEMO_PORTS="nbdA,mirrorA,adminA,nbdB,mirrorB,adminB" moves the demo off its usual ports (tests take free ones).
+const ports = (process.env.DEMO_PORTS ?? '10809,10810,10811,10819,10820,10821').split(',').map(Number);
+if (ports.length !== 6 || !ports.every((p) => Number.isInteger(p) && p > 0 && p < 65536)) {
+  console.error('DEMO_PORTS: six port numbers, comma-separated (nbd, mirror, admin of a, then of b)');
+  process.exit(2);
+}
 const sites = {
-  a: { nbd: 10809, mirror: 10810, admin: 10811, peerMirror: 10820, peer: 'b' },
-  b: { nbd: 10819, mirror: 10820, admin: 10821, peerMirror: 10810, peer: 'a' },
+  a: { nbd: ports[0], mirror: ports[1], admin: ports[2], peerMirror: ports[4], peer: 'b' },
+  b: { nbd: ports[3], mirror: ports[4], admin: ports[5], peerMirror: ports[1], peer: 'a' },
 };
 
 function image(file) {
