@@ -7,7 +7,8 @@
 //     write (a higher id). Writes never acknowledged may or may not be visible.
 // (b) up to date (sync mode, after convergence): every acknowledged write is visible or superseded.
 // Every block must also show zeros (never written) or a write that was issued to that block.
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
+import { spawnTracked } from './children.js';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -63,22 +64,14 @@ export interface CausalWriter {
   stderr: string[];
 }
 
-const live = new Set<ChildProcess>();
-let hook = false;
-
 export async function startCausalWriter(uri: string, opts: CausalWriterOptions = {}, timeoutMs = 15_000): Promise<CausalWriter> {
-  if (!hook) {
-    hook = true;
-    process.on('exit', () => { for (const p of live) { try { p.kill('SIGKILL'); } catch { /* gone */ } } });
-  }
   const args = [CAUSAL_WRITER_SCRIPT, uri];
   const flag = (name: string, v: number | undefined) => { if (v !== undefined) args.push(name, String(v)); };
   flag('--qd', opts.qd); flag('--conns', opts.conns); flag('--len', opts.len); flag('--span', opts.span);
   flag('--rate', opts.rate); flag('--count', opts.count); flag('--first-id', opts.firstId); flag('--seed', opts.seed);
   flag('--flush-every', opts.flushEvery); flag('--drain-s', opts.drainS);
-  const proc = spawn(PYTHON, args, { stdio: ['pipe', 'pipe', 'pipe'] });
-  live.add(proc);
-  const stderr: string[] = [];
+  const proc = spawnTracked(PYTHON, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+    const stderr: string[] = [];
   const lines: string[] = [];
   const flushes: FlushEvent[] = [];
   const issuedForced: number[] = [];
@@ -112,7 +105,7 @@ export async function startCausalWriter(uri: string, opts: CausalWriterOptions =
   proc.stderr!.on('data', (c: string) => stderr.push(c));
   proc.stdin!.on('error', () => undefined);
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
-    proc.once('exit', (code, signal) => { live.delete(proc); resolve({ code, signal }); });
+    proc.once('exit', (code, signal) => resolve({ code, signal }));
   });
   const result = exited.then(async ({ code, signal }) => {
     await new Promise((r) => setImmediate(r));

@@ -1,6 +1,7 @@
 // Drive test/helpers/writer.py (a continuous libnbd writer) from a test, and check that the
 // writes it saw acknowledged are in a backing file.
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
+import { spawnTracked } from './children.js';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -52,19 +53,8 @@ export interface Writer {
   stderr: string[];
 }
 
-const live = new Set<ChildProcess>();
-let hook = false;
-
 /** Start the writer against `uri`; resolves once it is connected and writing. */
 export async function startWriter(uri: string, opts: WriterOptions = {}, timeoutMs = 15_000): Promise<Writer> {
-  if (!hook) {
-    hook = true;
-    process.on('exit', () => {
-      for (const p of live) {
-        try { p.kill('SIGKILL'); } catch { /* gone */ }
-      }
-    });
-  }
   const args = [WRITER_SCRIPT, uri];
   if (opts.qd !== undefined) args.push('--qd', String(opts.qd));
   if (opts.len !== undefined) args.push('--len', String(opts.len));
@@ -74,8 +64,7 @@ export async function startWriter(uri: string, opts: WriterOptions = {}, timeout
   if (opts.firstId !== undefined) args.push('--first-id', String(opts.firstId));
   if (opts.seed !== undefined) args.push('--seed', String(opts.seed));
   if (opts.flush) args.push('--flush');
-  const proc = spawn(PYTHON, args, { stdio: ['pipe', 'pipe', 'pipe'] });
-  live.add(proc);
+  const proc = spawnTracked(PYTHON, args, { stdio: ['pipe', 'pipe', 'pipe'] });
   const stderr: string[] = [];
   const lines: string[] = [];
   let partial = '';
@@ -96,7 +85,6 @@ export async function startWriter(uri: string, opts: WriterOptions = {}, timeout
   proc.stdin!.on('error', () => undefined);
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
     proc.once('exit', (code, signal) => {
-      live.delete(proc);
       resolve({ code, signal });
     });
   });
