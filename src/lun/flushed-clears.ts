@@ -11,8 +11,6 @@ export class FlushedClears {
   /** Regions of the round whose peer FLUSH is under way. */
   private flushing: RegionSet;
   private running = false;
-  /** forget() ran during the round: its batch must not be cleared. */
-  private forgotten = false;
 
   constructor(readonly regions: number) {
     this.gathering = new RegionSet(regions);
@@ -32,7 +30,6 @@ export class FlushedClears {
 
   /** Forget every waiting region (their bits stay set): the peer lost what it had not flushed. */
   forget(): void {
-    this.forgotten = true;
     this.gathering.clear();
     this.flushing.clear();
   }
@@ -53,12 +50,11 @@ export class FlushedClears {
   async round(flush: () => Promise<boolean>, clear: (first: number, n: number) => void): Promise<void> {
     if (this.running || this.gathering.size === 0) return;
     this.running = true;
-    this.forgotten = false;
     [this.gathering, this.flushing] = [this.flushing, this.gathering];
     const batch = this.flushing;
     try {
+      // (A forget() meanwhile emptied the batch too: nothing of it is cleared or kept.)
       const ok = await flush().catch(() => false);
-      if (this.forgotten) return;
       if (!ok) {
         this.gathering.addSet(batch);
         return;

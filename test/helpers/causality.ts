@@ -8,7 +8,7 @@
 // (b) up to date (sync mode, after convergence): every acknowledged write is visible or superseded.
 // Every block must also show zeros (never written) or a write that was issued to that block.
 import type { ChildProcess } from 'node:child_process';
-import { spawnTracked } from './children.js';
+import { onLines, spawnTracked } from './children.js';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -77,28 +77,20 @@ export async function startCausalWriter(uri: string, opts: CausalWriterOptions =
   const issuedForced: number[] = [];
   const forcedWaiters: ((n: number) => void)[] = [];
   const flushWaiters = new Map<number, (e: FlushEvent) => void>();
-  let partial = '';
   let onReady: (() => void) | null = null;
-  proc.stdout!.setEncoding('utf8');
-  proc.stdout!.on('data', (chunk: string) => {
-    partial += chunk;
-    let i: number;
-    while ((i = partial.indexOf('\n')) >= 0) {
-      const line = partial.slice(0, i);
-      partial = partial.slice(i + 1);
-      lines.push(line);
-      if (!line.startsWith('{"event"')) continue;
-      const e = JSON.parse(line) as { event: string; n: number; ms: number; forced: boolean };
-      if (e.event === 'ready') onReady?.();
-      else if (e.event === 'flush-issued' && e.forced) {
-        issuedForced.push(e.n);
-        forcedWaiters.shift()?.(e.n);
-      } else if (e.event === 'flush') {
-        const fe = { n: e.n, ms: e.ms, forced: e.forced, at: Date.now() };
-        flushes.push(fe);
-        flushWaiters.get(e.n)?.(fe);
-        flushWaiters.delete(e.n);
-      }
+  const unterminated = onLines(proc.stdout!, (line) => {
+    lines.push(line);
+    if (!line.startsWith('{"event"')) return;
+    const e = JSON.parse(line) as { event: string; n: number; ms: number; forced: boolean };
+    if (e.event === 'ready') onReady?.();
+    else if (e.event === 'flush-issued' && e.forced) {
+      issuedForced.push(e.n);
+      forcedWaiters.shift()?.(e.n);
+    } else if (e.event === 'flush') {
+      const fe = { n: e.n, ms: e.ms, forced: e.forced, at: Date.now() };
+      flushes.push(fe);
+      flushWaiters.get(e.n)?.(fe);
+      flushWaiters.delete(e.n);
     }
   });
   proc.stderr!.setEncoding('utf8');
@@ -109,7 +101,7 @@ export async function startCausalWriter(uri: string, opts: CausalWriterOptions =
   });
   const result = exited.then(async ({ code, signal }) => {
     await new Promise((r) => setImmediate(r));
-    if (partial) lines.push(partial);
+    if (unterminated()) lines.push(unterminated());
     const last = lines.filter((l) => l.startsWith('{"writes"')).pop();
     if (code !== 0 || !last) throw new Error(`causal writer exited (code ${code}, signal ${signal}) without a result\n${stderr.join('')}`);
     return JSON.parse(last) as CausalRun;

@@ -19,3 +19,19 @@ export function spawnTracked(command: string, args: string[], opts: SpawnOptions
   proc.once('exit', () => live.delete(proc));
   return proc;
 }
+
+/** Call `onLine` for each complete line the stream emits (UTF-8); returns what follows the last newline so far. */
+export function onLines(stream: NodeJS.ReadableStream, onLine: (line: string) => void): () => string {
+  let partial = '';
+  stream.setEncoding('utf8');
+  stream.on('data', (chunk: string) => {
+    partial += chunk;
+    let i: number;
+    while ((i = partial.indexOf('\n')) >= 0) {
+      const line = partial.slice(0, i);
+      partial = partial.slice(i + 1);
+      onLine(line);
+    }
+  });
+  return () => partial;
+}

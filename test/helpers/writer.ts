@@ -1,7 +1,7 @@
 // Drive test/helpers/writer.py (a continuous libnbd writer) from a test, and check that the
 // writes it saw acknowledged are in a backing file.
 import type { ChildProcess } from 'node:child_process';
-import { spawnTracked } from './children.js';
+import { onLines, spawnTracked } from './children.js';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -67,18 +67,10 @@ export async function startWriter(uri: string, opts: WriterOptions = {}, timeout
   const proc = spawnTracked(PYTHON, args, { stdio: ['pipe', 'pipe', 'pipe'] });
   const stderr: string[] = [];
   const lines: string[] = [];
-  let partial = '';
   let onReady: (() => void) | null = null;
-  proc.stdout!.setEncoding('utf8');
-  proc.stdout!.on('data', (chunk: string) => {
-    partial += chunk;
-    let i: number;
-    while ((i = partial.indexOf('\n')) >= 0) {
-      const line = partial.slice(0, i);
-      partial = partial.slice(i + 1);
-      lines.push(line);
-      if (line.includes('"event": "ready"')) onReady?.();
-    }
+  const unterminated = onLines(proc.stdout!, (line) => {
+    lines.push(line);
+    if (line.includes('"event": "ready"')) onReady?.();
   });
   proc.stderr!.setEncoding('utf8');
   proc.stderr!.on('data', (c: string) => stderr.push(c));
@@ -91,7 +83,7 @@ export async function startWriter(uri: string, opts: WriterOptions = {}, timeout
   const result = exited.then(async ({ code, signal }) => {
     // let the stdout pipe drain
     await new Promise((r) => setImmediate(r));
-    if (partial) lines.push(partial);
+    if (unterminated()) lines.push(unterminated());
     const last = lines.filter((l) => l.startsWith('{') && !l.includes('"event"')).pop();
     if (code !== 0 || !last) {
       throw new Error(`writer exited (code ${code}, signal ${signal}) without a result\n${stderr.join('')}`);

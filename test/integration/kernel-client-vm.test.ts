@@ -8,6 +8,7 @@
 // The script's cache of Debian packages (~30 MB; $NBD_MIRROR_VM_CACHE or ~/.cache/nbd-mirror-vm)
 // survives the test on purpose: later runs skip the downloads.
 import { expect } from 'chai';
+import { skipForEnvironment } from '../helpers/env-skip.js';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
@@ -163,11 +164,10 @@ describe('kernel NBD client (nbd.ko in a QEMU/TCG guest): mkfs, mount, files, -C
   this.timeout(240_000);
 
   before(async function () {
-    if (process.platform !== 'linux' || process.arch !== 'x64') this.skip();
+    if (process.platform !== 'linux' || process.arch !== 'x64') skipForEnvironment(this, `the guest is x86-64 Linux under TCG; this is ${process.platform}/${process.arch}`);
     const root = process.getuid?.() === 0;
     if (!(await haveCommand('qemu-system-x86_64')) && !(root && (await haveCommand('apt-get')))) {
-      // Nothing to boot the guest with, and no way to install it.
-      this.skip();
+      skipForEnvironment(this, 'no qemu-system-x86_64, and no root with apt-get to install it');
     }
     // Install QEMU if needed, download the guest packages, build the initramfs (cached).
     const prep = await runScript(['--prepare'], PREPARE_TIMEOUT_MS);

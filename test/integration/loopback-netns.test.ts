@@ -9,6 +9,7 @@ import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { execNoThrow, REPO_ROOT } from '../helpers/site.js';
+import { skipForEnvironment } from '../helpers/env-skip.js';
 
 const SCRIPT = path.join(REPO_ROOT, 'scripts', 'loopback-test.sh');
 const SCRIPT_TIMEOUT_MS = 180_000;
@@ -62,7 +63,7 @@ describe('loopback-test.sh: two sites in network namespaces over veth', function
   let run: RunResult;
 
   before(async function () {
-    if (process.getuid?.() !== 0) this.skip();   // namespaces, loop devices and iptables need root
+    if (process.getuid?.() !== 0) skipForEnvironment(this, 'network namespaces, loop devices and iptables need root');
     if (!existsSync(path.join(REPO_ROOT, 'dist', 'cli.js'))) throw new Error('dist/cli.js missing: npm run build first');
     run = await runScript(SCRIPT_TIMEOUT_MS);
   });
