@@ -13,8 +13,8 @@ import {
 import type { VerifyReport } from './admin/actions.js';
 import { notify, startWatchdog } from './admin/systemd.js';
 import { describeSchema, formatSchema } from './config/describe.js';
-import { formatJournalReport, inspectJournal } from './journal/inspect.js';
-import { JournalError } from './journal/journal.js';
+import { formatJournalReport, inspectJournal } from './persist/inspect.js';
+import { JournalError } from './persist/journal.js';
 import { SecurityError } from './security/files.js';
 
 /** Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error, 3 admin endpoint unreachable. */

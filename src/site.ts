@@ -6,19 +6,19 @@ import { AdminServer } from './admin/server.js';
 import { loadAdminToken } from './config/load.js';
 import { adminSocketPath, type LunConfig, type SiteConfig } from './config/schema.js';
 import type { Logger } from './log.js';
-import type { MirrorStore } from './lun/lun-mirror.js';
+import type { MirrorStore } from './mirror/primary/lun-mirror.js';
 import { Lun } from './lun/lun.js';
-import { catchup, protectionOf, protectionReason } from './lun/protection.js';
+import { catchup, protectionOf, protectionReason } from './mirror/primary/protection.js';
 import { LunRegistry } from './lun/registry.js';
 import { Heartbeat } from './health/heartbeat.js';
 import { processStatus } from './health/process-stats.js';
-import { BitmapError, RegionBitmap } from './journal/bitmap.js';
-import { Journal, type JournalRecovery } from './journal/journal.js';
+import { BitmapError, RegionBitmap } from './persist/bitmap.js';
+import { Journal, type JournalRecovery } from './persist/journal.js';
 import { ActionError, type PromoteOptions, type RoleChange, type SiteActions, type VerifyReport } from './admin/actions.js';
-import { AppliedPoint } from './journal/applied-point.js';
-import { UndoLog } from './journal/undo-log.js';
-import { LunMeta, newGeneration, NO_GENERATION } from './lun/lun-meta.js';
-import { MirrorReceiver } from './mirror/receiver.js';
+import { AppliedPoint } from './persist/applied-point.js';
+import { UndoLog } from './persist/undo-log.js';
+import { LunMeta, newGeneration, NO_GENERATION } from './persist/lun-meta.js';
+import { MirrorReceiver } from './mirror/secondary/receiver.js';
 import { MirrorSender } from './mirror/sender.js';
 import { NbdServer } from './nbd/server.js';
 import { loadHostCredentials, loadMirrorCredentials, type Credentials } from './security/credentials.js';
@@ -214,7 +214,7 @@ export class Site implements SiteActions {
       const m = lun.mirror;
       await m.drain(this.config.shutdownTimeoutMs);
       unsent = m.state !== 'uptodate' || m.journalStatus().records > 0;
-      this.sender!.detach(lun);
+      this.sender!.detach(m);
       const i = this.stores.findIndex((st) => st === m.storeRef);
       if (i >= 0) {
         const [st] = this.stores.splice(i, 1);
@@ -362,7 +362,7 @@ export class Site implements SiteActions {
           lun: name, records: journal.records,
         });
       }
-      this.sender?.detach(lun);
+      this.sender?.detach(lun.mirror);
       const i = this.stores.findIndex((st) => st === lun.mirror!.storeRef);
       if (i >= 0) {
         const [st] = this.stores.splice(i, 1);
@@ -421,7 +421,9 @@ export class Site implements SiteActions {
     } else if (recovery.tornTailBytes > 0) {
       this.log.info('journal had a torn tail (a write cut off by a crash); dropped', { lun: lun.name, bytes: recovery.tornTailBytes });
     }
-    const mirror = this.sender!.attach(lun, store)!;
+    if (lun.spec.mirror === 'none') return;
+    const mirror = this.sender!.attach({ name: lun.name, mode: lun.spec.mirror, backing: lun.backing, meta: lun.meta! }, store);
+    lun.mirror = mirror;
     mirror.recover();
   }
 

@@ -9,7 +9,7 @@ import client from 'prom-client';
 import type { Lun } from '../lun/lun.js';
 import { CMD } from '../nbd/constants.js';
 import { logLinesLost } from '../log.js';
-import { catchup } from '../lun/protection.js';
+import { catchup } from '../mirror/primary/protection.js';
 
 const OPS: Record<number, string> = {
   [CMD.READ]: 'read', [CMD.WRITE]: 'write', [CMD.FLUSH]: 'flush', [CMD.TRIM]: 'trim',

@@ -2,6 +2,7 @@
 // where one makes sense, validation, and (for scalars) an environment override.
 import convict from 'convict';
 import { parseCidr } from '../net/cidr.js';
+import type { HostTlsMode, MirrorTlsMode, TlsCredentials } from '../security/credentials.js';
 
 export const LUN_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 
@@ -227,11 +228,11 @@ export const schema = {
   },
 };
 
-export interface TlsCredentials { pskFile: string; certFile: string; keyFile: string; caFile: string }
+export type { TlsCredentials };
 
 export interface MirrorConfig {
   listen: { host: string; port: number };
-  tls: 'psk' | 'cert' | 'off';
+  tls: MirrorTlsMode;
   credentials: TlsCredentials;
   peer: { host: string; port: number; site: string };
   connections: number;
@@ -247,7 +248,7 @@ export interface SiteConfig {
   site: string;
   /** null when the file has no "mirror" section: the site runs alone. */
   mirror: MirrorConfig | null;
-  listen: { host: string; port: number; tls: 'off' | 'allow' | 'require'; credentials: TlsCredentials };
+  listen: { host: string; port: number; tls: HostTlsMode; credentials: TlsCredentials };
   dataDir: string;
   admin: { host: string; port: number; socket: string; tokenFile: string };
   luns: LunConfig[];

@@ -2,10 +2,10 @@
 // (sync / async / journal) wraps these operations without the NBD layer knowing.
 import { allowList } from '../net/cidr.js';
 import type { Backing, Extent } from '../storage/backing.js';
-import type { AppliedPoint } from '../journal/applied-point.js';
-import type { UndoLog } from '../journal/undo-log.js';
-import type { LunMeta } from './lun-meta.js';
-import type { LunMirror } from './lun-mirror.js';
+import type { AppliedPoint } from '../persist/applied-point.js';
+import type { UndoLog } from '../persist/undo-log.js';
+import type { LunMeta } from '../persist/lun-meta.js';
+import type { LunMirror } from '../mirror/primary/lun-mirror.js';
 
 export type Role = 'primary' | 'secondary';
 export type MirrorMode = 'sync' | 'async' | 'none';

@@ -3,7 +3,7 @@
 // journal and bitmap, comparing every region (initial sync), or refusing (split brain, a
 // stale primary). Never a silent merge: any lineage that is not plainly one copy of the other
 // is a split brain, and the LUN stays apart until the operator resolves it.
-import { NO_GENERATION, type LunMetaData } from '../lun/lun-meta.js';
+import { NO_GENERATION, type LunMetaData } from '../persist/lun-meta.js';
 import { OFFER_FLAG, PAIR, SYNC, type LunOffer } from './wire.js';
 
 export interface PairingVerdict {

@@ -2,14 +2,14 @@
 // Heartbeats refresh every element of the connection array; after each heartbeat sent, an
 // element silent for longer than the timeout brings the session down; after an outage the
 // pool is re-established only once the monitor's probation has passed.
-import type { MirrorConfig } from '../config/schema.js';
 import type { Heartbeat } from '../health/heartbeat.js';
 import { LinkMonitor } from '../health/link-monitor.js';
 import type { Logger } from '../log.js';
-import { LunMirror, type MirrorStore } from '../lun/lun-mirror.js';
-import type { Lun } from '../lun/lun.js';
+import { LunMirror, type MirrorStore } from './primary/lun-mirror.js';
+import type { LunMeta } from '../persist/lun-meta.js';
+import type { Backing } from '../storage/backing.js';
 import type { MirrorTransport } from '../security/mirror-tls.js';
-import { RateLimiter } from '../lun/rate-limit.js';
+import { RateLimiter } from './primary/rate-limit.js';
 import { MirrorPool } from './pool.js';
 
 /**
@@ -19,17 +19,31 @@ import { MirrorPool } from './pool.js';
 const STALL_FACTOR = 4;
 const STALL_MIN_MS = 15000;
 
+/** What the sender needs of the site's mirror section (config/schema.ts MirrorConfig has it). */
+export interface SenderConfig {
+  peer: { host: string; port: number; site: string };
+  connections: number;
+  connectTimeoutMs: number;
+  reconnectMs: number;
+  asyncWindowBytes: number;
+  syncRateBytes: number;
+  heartbeat: { intervalMs: number; timeoutMs: number; probationMs: number };
+}
+
+/** A primary LUN as the sender mirrors it. */
+export interface MirroredLun { name: string; mode: 'sync' | 'async'; backing: Backing; meta: LunMeta }
+
 export class MirrorSender {
   readonly pool: MirrorPool;
   readonly monitor: LinkMonitor;
-  private readonly mirrored: Lun[] = [];
+  private readonly mirrored: LunMirror[] = [];
   private running = false;
   private connecting = false;
   private lastAttemptMs = 0;
   /** Shared by every LUN's initial sync, resync and verify. */
   readonly syncRate: RateLimiter;
 
-  constructor(site: string, private readonly cfg: MirrorConfig, transport: MirrorTransport, private readonly log: Logger) {
+  constructor(site: string, private readonly cfg: SenderConfig, transport: MirrorTransport, private readonly log: Logger) {
     this.pool = new MirrorPool({
       site, peerHost: cfg.peer.host, peerPort: cfg.peer.port, peerSite: cfg.peer.site,
       connections: cfg.connections, connectTimeoutMs: cfg.connectTimeoutMs,
@@ -42,27 +56,21 @@ export class MirrorSender {
     this.pool.on('up', (answers) => {
       this.monitor.connected();
       this.log.info('mirror link up', { peer: this.pool.peerSite, connections: this.pool.elements.length });
-      this.mirrored.forEach((lun, id) => lun.mirror!.paired(answers.find((a) => a.id === id)));
+      this.mirrored.forEach((m, id) => m.paired(answers.find((a) => a.id === id)));
     });
     this.pool.on('reoffer', () => this.resession('the peer\'s LUNs changed'));
     this.pool.on('down', (reason) => {
       this.monitor.connectionLost(reason);
-      for (const lun of this.mirrored) lun.mirror!.linkDown(reason);
+      for (const m of this.mirrored) m.linkDown(reason);
     });
   }
 
   /** Give a primary LUN (mode sync or async) its mirror, over its journal and bitmap. */
-  attach(lun: Lun, store: MirrorStore): LunMirror | null {
-    const mode = lun.spec.mirror;
-    if (mode === 'none') return null;
-    lun.mirror = new LunMirror(lun.name, mode, lun.backing, this.pool, store, this.cfg.asyncWindowBytes, this.log, lun.meta!, this.syncRate);
-    lun.mirror.renegotiate = (reason) => this.resession(reason);
-    this.mirrored.push(lun);
-    return lun.mirror;
-  }
-
-  get luns(): readonly Lun[] {
-    return this.mirrored;
+  attach(lun: MirroredLun, store: MirrorStore): LunMirror {
+    const m = new LunMirror(lun.name, lun.mode, lun.backing, this.pool, store, this.cfg.asyncWindowBytes, this.log, lun.meta, this.syncRate);
+    m.renegotiate = (reason) => this.resession(reason);
+    this.mirrored.push(m);
+    return m;
   }
 
   start(heartbeat: Heartbeat): void {
@@ -73,8 +81,8 @@ export class MirrorSender {
     });
     heartbeat.on('tick', (now) => {
       this.monitor.tick();
-      for (const lun of this.mirrored) {
-        lun.mirror!.persistClears().catch((err: Error) => this.log.error('bitmap write failed', { lun: lun.name, error: err.message }));
+      for (const m of this.mirrored) {
+        m.persistClears().catch((err: Error) => this.log.error('bitmap write failed', { lun: m.name, error: err.message }));
       }
       const { timeoutMs } = this.cfg.heartbeat;
       const silent = this.pool.elements.find((e) => e.status === 'up' && now - e.lastSeen > timeoutMs);
@@ -93,16 +101,16 @@ export class MirrorSender {
     if (Date.now() - this.lastAttemptMs < this.cfg.reconnectMs) return;
     this.connecting = true;
     this.lastAttemptMs = Date.now();
-    const offers = this.mirrored.map((lun, id) => lun.mirror!.offer(id, lun.size));
+    const offers = this.mirrored.map((m, id) => m.offer(id, m.size));
     void this.pool.connect(offers).finally(() => { this.connecting = false; });
   }
 
   /** Stop mirroring a LUN (removed by a reload); the session restarts with the new offers. */
-  detach(lun: Lun): void {
-    const i = this.mirrored.indexOf(lun);
+  detach(m: LunMirror): void {
+    const i = this.mirrored.indexOf(m);
     if (i < 0) return;
     this.mirrored.splice(i, 1);
-    this.resession(`LUN ${lun.name} removed`);
+    this.resession(`LUN ${m.name} removed`);
   }
 
   /** Re-establish the session without an outage (offers changed): no probation, writes journal meanwhile. */
@@ -114,7 +122,7 @@ export class MirrorSender {
 
   /** Let mirror requests already issued reach the peer (async mode), for at most timeoutMs. */
   async drain(timeoutMs: number): Promise<void> {
-    await Promise.all(this.mirrored.map((l) => l.mirror!.drain(timeoutMs)));
+    await Promise.all(this.mirrored.map((m) => m.drain(timeoutMs)));
   }
 
   stop(): void {

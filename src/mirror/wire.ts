@@ -2,6 +2,7 @@
 // per-request headers (hot, plain Buffer calls). All integers big-endian.
 import lo from 'buffer-layout';
 import { readU64, writeU64 } from '../net/u64.js';
+import { RECORD_FLAG } from '../persist/journal.js';
 
 // 3: an answer carries the secondary's applied point (where the primary resumes).
 // 4: and the identity of the secondary's copy (an interrupted initial sync resumes only on the same copy).
@@ -33,7 +34,8 @@ export const CONTROL = { REOFFER: 1 } as const;
 /** Answer to a request for a LUN the receiver no longer has (a reload removed it): not a device error. */
 export const ESTALE = 116;
 /** RESYNC: part of a resync or initial sync (the secondary is inconsistent until SET_GEN). */
-export const MIRROR_FLAG = { FUA: 1, MAY_PUNCH: 2, RESYNC: 4 } as const;
+// The journal stores these flags verbatim, so both name the same values.
+export const MIRROR_FLAG = RECORD_FLAG;
 
 /** Why the receiver refuses to pair a LUN (sent back in its hello). */
 export const PAIR = {

@@ -105,14 +105,7 @@ export const META_BASE_ALLOCATION = 'base:allocation';
 export const META_CONTEXT_ID_BASE_ALLOCATION = 1;
 
 // Errors carried in replies (Linux values, as the spec fixes them).
-export const NBD_EPERM = 1;
-export const NBD_EIO = 5;
-export const NBD_ENOMEM = 12;
-export const NBD_EINVAL = 22;
-export const NBD_ENOSPC = 28;
-export const NBD_EOVERFLOW = 75;
-export const NBD_ENOTSUP = 95;
-export const NBD_ESHUTDOWN = 108;
+export { NBD_EPERM, NBD_EIO, NBD_ENOMEM, NBD_EINVAL, NBD_ENOSPC, NBD_EOVERFLOW, NBD_ENOTSUP, NBD_ESHUTDOWN } from '../storage/errno.js';
 
 // Sizes and limits.
 export const REQUEST_HEADER_SIZE = 28;

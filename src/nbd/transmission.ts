@@ -11,7 +11,7 @@ import {
 } from './constants.js';
 import { DISCARD, FrameParser, STOP, type FrameSink } from '../net/frame-parser.js';
 import { writeU64 } from '../net/u64.js';
-import { nbdErrno } from './errors.js';
+import { nbdErrno } from '../storage/errno.js';
 import type { Session } from './handshake.js';
 
 /** Flags each command accepts; anything else is EINVAL. The spec makes FUA valid on every command. */

@@ -1,9 +1,13 @@
 // Reading the TLS material a config names, once, with the permission rules of files.ts.
 // Both `config check` (through load.ts) and a starting site go through here.
 import fs from 'node:fs';
-import type { MirrorConfig, SiteConfig, TlsCredentials } from '../config/schema.js';
 import { checkSecretFile, checkTrustedFile, SecurityError } from './files.js';
 import { readPskFile, type PskFile } from './psk.js';
+
+/** The TLS files a config section names ('' for none). */
+export interface TlsCredentials { pskFile: string; certFile: string; keyFile: string; caFile: string }
+export type MirrorTlsMode = 'psk' | 'cert' | 'off';
+export type HostTlsMode = 'off' | 'allow' | 'require';
 
 export interface Credentials {
   psk: PskFile | null;
@@ -27,7 +31,7 @@ export function loadCredentials(c: TlsCredentials, prefix: string): Credentials 
 }
 
 /** What each mirror.tls mode needs; the shared key also signs heartbeats, so "cert" needs it too. */
-export function loadMirrorCredentials(m: MirrorConfig): Credentials {
+export function loadMirrorCredentials(m: { tls: MirrorTlsMode; credentials: TlsCredentials }): Credentials {
   const creds = loadCredentials(m.credentials, 'mirror.credentials');
   const missing = (what: string) => new SecurityError(`mirror.credentials.${what}: required when mirror.tls is "${m.tls}"`);
   if (m.tls === 'psk' && !creds.psk) throw missing('pskFile');
@@ -43,7 +47,7 @@ export function loadMirrorCredentials(m: MirrorConfig): Credentials {
 }
 
 /** Host TLS: "allow"/"require" need a PSK file or a certificate. */
-export function loadHostCredentials(listen: SiteConfig['listen']): Credentials | null {
+export function loadHostCredentials(listen: { tls: HostTlsMode; credentials: TlsCredentials }): Credentials | null {
   if (listen.tls === 'off') return null;
   const creds = loadCredentials(listen.credentials, 'listen.credentials');
   if (!creds.psk && !creds.cert) {

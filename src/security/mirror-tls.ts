@@ -3,9 +3,8 @@
 // reaches the hello parser; the refusal is logged and counted here.
 import net from 'node:net';
 import tls from 'node:tls';
-import type { MirrorConfig } from '../config/schema.js';
 import type { Logger } from '../log.js';
-import type { Credentials } from './credentials.js';
+import type { Credentials, MirrorTlsMode } from './credentials.js';
 
 /** TLS 1.3 suites OpenSSL can use with an external PSK (its PSK callbacks need a SHA-256 suite). */
 const TLS13_SUITES = 'TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384';
@@ -23,7 +22,7 @@ export interface MirrorTlsStats {
 export class MirrorTransport {
   readonly stats: MirrorTlsStats = { refused: 0, failedOutgoing: 0 };
 
-  constructor(readonly mode: MirrorConfig['tls'], private readonly creds: Credentials, private readonly log: Logger) {}
+  constructor(readonly mode: MirrorTlsMode, private readonly creds: Credentials, private readonly log: Logger) {}
 
   /** A connecting socket, and the event after which the hello may be sent. */
   connect(host: string, port: number): { socket: net.Socket; ready: 'connect' | 'secureConnect' } {

@@ -1,4 +1,4 @@
-// Fuzz: the journal recovery scanner (src/journal/journal.ts). Files made of a valid header and
+// Fuzz: the journal recovery scanner (src/persist/journal.ts). Files made of a valid header and
 // valid records, then damaged (bit flips, overwritten bytes, truncation, appended garbage or
 // zeros), are opened with Journal.inspect (read-only) and Journal.open (recovery). Both throw
 // nothing but JournalError (and only for a damaged header), never hang, recover exactly the
@@ -11,11 +11,11 @@ import path from 'node:path';
 import { crc32c } from '@node-rs/crc32';
 import { expect } from 'chai';
 import fc from 'fast-check';
-import { Journal, JOURNAL_KIND, JournalError, type JournalEntry } from '../../src/journal/journal.js';
+import { Journal, JOURNAL_KIND, JournalError, type JournalEntry } from '../../src/persist/journal.js';
 import {
   headerCrc, JOURNAL_MAGIC, journalHeaderFixed, journalHeaderSize, RECORD_CRC_OFFSET, RECORD_HEADER_SIZE, RECORD_MAGIC,
   writeRecordHeader,
-} from '../../src/journal/record.js';
+} from '../../src/persist/record.js';
 import { MIRROR_FLAG } from '../../src/mirror/wire.js';
 import { bytes, fuzz, timeoutFor, within, type TargetBudget } from './harness.js';
 

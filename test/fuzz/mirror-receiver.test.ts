@@ -1,4 +1,4 @@
-// Fuzz: the mirror receiver (src/mirror/receiver.ts) behind a real listener on 127.0.0.1:0, with
+// Fuzz: the mirror receiver (src/mirror/secondary/receiver.ts) behind a real listener on 127.0.0.1:0, with
 // a secondary LUN over a temp file. (1) Random bytes and broken hellos, followed by write
 // requests: the process never crashes, the connection is closed once the client is done, and
 // the backing file is unchanged unless the hello really paired the LUN. (2) A valid hello, then
@@ -18,11 +18,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
 import fc from 'fast-check';
-import { UndoLog } from '../../src/journal/undo-log.js';
+import { UndoLog } from '../../src/persist/undo-log.js';
 import { Lun } from '../../src/lun/lun.js';
-import { LunMeta, NO_GENERATION } from '../../src/lun/lun-meta.js';
+import { LunMeta, NO_GENERATION } from '../../src/persist/lun-meta.js';
 import { LunRegistry } from '../../src/lun/registry.js';
-import { MirrorReceiver } from '../../src/mirror/receiver.js';
+import { MirrorReceiver } from '../../src/mirror/secondary/receiver.js';
 import {
   decodeGeneration, decodeHello, encodeGeneration, encodeHello, HELLO_ANSWER, HELLO_OFFER, MAX_HELLO_LENGTH, MAX_HISTORY,
   MAX_MIRROR_PAYLOAD, MAX_SET_GEN_PAYLOAD, MIRROR_FLAG, MIRROR_OP, OFFER_FLAG, PAIR, REPLY_DATA_MAGIC, REPLY_DATA_SIZE, REPLY_MAGIC,

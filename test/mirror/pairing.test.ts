@@ -2,7 +2,7 @@
 // both sides' generation ids, as a table: status and sync of every case, for a local secondary
 // and for a LUN that is primary here too.
 import { expect } from 'chai';
-import { NO_GENERATION, type LunMetaData } from '../../src/lun/lun-meta.js';
+import { NO_GENERATION, type LunMetaData } from '../../src/persist/lun-meta.js';
 import { decidePairing } from '../../src/mirror/pairing.js';
 import { OFFER_FLAG, PAIR, SYNC, type Lineage, type LunOffer } from '../../src/mirror/wire.js';
 

@@ -3,7 +3,7 @@
 // and the primary must then resend exactly those regions (it learns of the loss from the pairing
 // answer, see LunMirror.peerLostWrites). So a region that became clean waits here, and its bit is
 // cleared only after a peer FLUSH that started after it did.
-import { RegionSet } from '../journal/region-set.js';
+import { RegionSet } from '../../persist/region-set.js';
 
 export class FlushedClears {
   /** Regions gathered for the next round. */

@@ -1,7 +1,7 @@
 // ApplyOrder: the secondary applies a request only once every request up to its dep is
 // applied, acknowledges duplicates without applying them, and follows primary restarts.
 import { expect } from 'chai';
-import { ApplyOrder } from '../../src/mirror/apply-order.js';
+import { ApplyOrder } from '../../../src/mirror/secondary/apply-order.js';
 
 const RUN1 = Buffer.from('run-0001');
 const RUN2 = Buffer.from('run-0002');

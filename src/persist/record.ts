@@ -3,7 +3,7 @@
 //
 // The buffer-layout definitions below are the documented layout. The journal record header is
 // on the hot path (one per journaled host write), so writeRecordHeader()/readRecordHeader()
-// encode it with plain Buffer calls; test/journal/journal.test.ts checks that both agree.
+// encode it with plain Buffer calls; test/persist/journal.test.ts checks that both agree.
 import { readU64, writeU64 } from '../net/u64.js';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';

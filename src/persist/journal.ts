@@ -12,7 +12,6 @@
 import fs from 'node:fs';
 import { dirname } from 'node:path';
 import { crc32c } from '@node-rs/crc32';
-import { MIRROR_FLAG } from '../mirror/wire.js';
 import {
   closeFd, createFileAtomic, fdatasync, fstatSize, fsyncDir, ftruncate, GroupSync, headerCrc, JOURNAL_MAGIC,
   JOURNAL_VERSION, journalHeaderFixed, journalHeaderSize, MAX_LUN_NAME_BYTES, openFile, preadFull, pwriteFull,
@@ -45,7 +44,9 @@ export class JournalError extends Error {}
 
 // RESYNC: a region copy in flight when the link failed keeps its sequence number in the journal,
 // so the replay stays dense (a later record may depend on it).
-const KNOWN_FLAGS = MIRROR_FLAG.FUA | MIRROR_FLAG.MAY_PUNCH | MIRROR_FLAG.RESYNC;
+/** Request flags a record keeps (the mirror wire uses the same values: mirror/wire.ts MIRROR_FLAG). */
+export const RECORD_FLAG = { FUA: 1, MAY_PUNCH: 2, RESYNC: 4 } as const;
+const KNOWN_FLAGS = RECORD_FLAG.FUA | RECORD_FLAG.MAY_PUNCH | RECORD_FLAG.RESYNC;
 /** A coalesced write carries at most this many records (2 iovecs each: IOV_MAX is 1024)... */
 const MAX_BATCH_RECORDS = 512;
 /** ...and stops adding records once it holds this many bytes. */

@@ -6,7 +6,7 @@ import fsp from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { crc32c } from '@node-rs/crc32';
 import { expect } from 'chai';
-import { BitmapError, RegionBitmap } from '../../src/journal/bitmap.js';
+import { BitmapError, RegionBitmap } from '../../src/persist/bitmap.js';
 import { tmpDir, type TmpDir } from '../helpers/tmp.js';
 
 const KiB = 1024;
@@ -237,7 +237,7 @@ describe('region bitmap', function () {
   it('set bits reported before a SIGKILL survive it', async () => {
     const regions = 100_000;
     const js = dir.join('child.mjs');
-    const url = new URL('src/journal/bitmap.ts', `file://${REPO}`).href;
+    const url = new URL('src/persist/bitmap.ts', `file://${REPO}`).href;
     await fsp.writeFile(js, `
       import { RegionBitmap } from ${JSON.stringify(url)};
       const b = await RegionBitmap.open(process.argv[2], ${regions} * 65536, 65536);

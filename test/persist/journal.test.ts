@@ -8,11 +8,11 @@ import { crc32c } from '@node-rs/crc32';
 import { expect } from 'chai';
 import {
   Journal, JOURNAL_KIND, JournalError, type JournalEntry, type JournalRecord,
-} from '../../src/journal/journal.js';
+} from '../../src/persist/journal.js';
 import {
   bitmapHeader, JOURNAL_MAGIC, journalHeaderFixed, journalHeaderSize, readRecordHeader, RECORD_CRC_OFFSET,
   RECORD_HEADER_SIZE, RECORD_MAGIC, recordHeader, writeRecordHeader, type RecordHeader,
-} from '../../src/journal/record.js';
+} from '../../src/persist/record.js';
 import { MIRROR_FLAG } from '../../src/mirror/wire.js';
 import { pathExists, tmpDir, type TmpDir } from '../helpers/tmp.js';
 
@@ -593,7 +593,7 @@ describe('journal', function () {
     for (const acks of [100, 1500]) {
       it(`every append that resolved before the kill survives (kill after ${acks})`, async () => {
         const js = dir.join('child.mjs');
-        await fsp.writeFile(js, script(new URL('src/journal/journal.ts', `file://${REPO}`).href));
+        await fsp.writeFile(js, script(new URL('src/persist/journal.ts', `file://${REPO}`).href));
         const child = spawn(process.execPath, ['--import', 'tsx', js, file], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
         const acked = new Set<number>();
         let stderr = '';

@@ -5,12 +5,12 @@
 // next pairing follows from the generation adopted.
 import { expect } from 'chai';
 import crypto from 'node:crypto';
-import { lunStatus, type LunStatus } from '../helpers/pair.js';
-import { MirrorClient } from '../helpers/mirror-client.js';
-import { Cleanup, freePorts, readAt, sparseFile, startSite, tmpDir, type Site } from '../helpers/site.js';
-import type { TmpDir } from '../helpers/tmp.js';
-import { NO_GENERATION } from '../../src/lun/lun-meta.js';
-import { encodeGeneration, MIRROR_FLAG, MIRROR_OP, OFFER_FLAG, PAIR, SYNC, type Lineage, type LunAnswer, type LunOffer } from '../../src/mirror/wire.js';
+import { lunStatus, type LunStatus } from '../../helpers/pair.js';
+import { MirrorClient } from '../../helpers/mirror-client.js';
+import { Cleanup, freePorts, readAt, sparseFile, startSite, tmpDir, type Site } from '../../helpers/site.js';
+import type { TmpDir } from '../../helpers/tmp.js';
+import { NO_GENERATION } from '../../../src/persist/lun-meta.js';
+import { encodeGeneration, MIRROR_FLAG, MIRROR_OP, OFFER_FLAG, PAIR, SYNC, type Lineage, type LunAnswer, type LunOffer } from '../../../src/mirror/wire.js';
 
 const MiB = 1024 * 1024;
 const LUNS = ['order', 'dup', 'rerun', 'rerun-open', 'gen', 'split'];

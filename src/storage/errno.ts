@@ -1,5 +1,13 @@
-// The one map from system errors (Node's err.code) to the NBD error values a client may see.
-import { NBD_EIO, NBD_EINVAL, NBD_ENOMEM, NBD_ENOSPC, NBD_ENOTSUP, NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN } from './constants.js';
+// The one map from system errors (Node's err.code) to the error values a peer may see. Both
+// wires (NBD to hosts, the mirror link) carry these values, which are Linux errno numbers.
+export const NBD_EPERM = 1;
+export const NBD_EIO = 5;
+export const NBD_ENOMEM = 12;
+export const NBD_EINVAL = 22;
+export const NBD_ENOSPC = 28;
+export const NBD_EOVERFLOW = 75;
+export const NBD_ENOTSUP = 95;
+export const NBD_ESHUTDOWN = 108;
 
 const BY_CODE: Record<string, number> = {
   EPERM: NBD_EPERM,

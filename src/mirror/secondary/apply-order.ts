@@ -1,6 +1,6 @@
 // Receiver-side ordering for one secondary LUN. Requests arrive over n connections in any
 // order; one is applied only once every request up to its `dep` has been applied (see
-// lun/lun-mirror.ts for why that is enough), and a sequence number already applied is
+// mirror/primary/lun-mirror.ts for why that is enough), and a sequence number already applied is
 // acknowledged without being applied again.
 
 export class ApplyOrder {
@@ -15,7 +15,7 @@ export class ApplyOrder {
   /** Bumped when a new primary run takes over: requests of the old run still waiting must not apply. */
   epoch = 0;
 
-  /** A restarted secondary: continue from the point it recorded (journal/applied-point.ts). */
+  /** A restarted secondary: continue from the point it recorded (persist/applied-point.ts). */
   restore(instance: Buffer, appliedPrefix: number): void {
     this.instance = Buffer.from(instance);
     this.appliedPrefix = appliedPrefix;

@@ -15,20 +15,20 @@
 // lands locally, and cleared once the peer has everything for the region; so a crash of this
 // process at any moment leaves every possibly-unmirrored region marked.
 import { setImmediate as yieldTurn } from 'node:timers/promises';
-import type { Logger } from '../log.js';
-import type { RegionBitmap } from '../journal/bitmap.js';
-import { RegionSet } from '../journal/region-set.js';
-import { JOURNAL_KIND, type Journal, type JournalEntry } from '../journal/journal.js';
-import { ENOTCONN, type MirrorOp } from '../mirror/peer-connection.js';
-import type { MirrorPool } from '../mirror/pool.js';
+import type { Logger } from '../../log.js';
+import type { RegionBitmap } from '../../persist/bitmap.js';
+import { RegionSet } from '../../persist/region-set.js';
+import { JOURNAL_KIND, type Journal, type JournalEntry } from '../../persist/journal.js';
+import { ENOTCONN, type MirrorOp } from '../peer-connection.js';
+import type { MirrorPool } from '../pool.js';
 import {
   encodeGeneration, ESTALE, MIRROR_FLAG, MIRROR_OP, OFFER_FLAG, PAIR, PAIR_REASON, SYNC, type LunAnswer, type LunOffer,
-} from '../mirror/wire.js';
-import type { Backing } from '../storage/backing.js';
-import { hashRange } from '../storage/hash.js';
+} from '../wire.js';
+import type { Backing } from '../../storage/backing.js';
+import { hashRange } from '../../storage/hash.js';
 import { CompareWalk, CompareWatch, TurnBudget, type CompareItem } from './catch-up-walk.js';
 import { FlushedClears } from './flushed-clears.js';
-import type { LunMeta } from './lun-meta.js';
+import type { LunMeta } from '../../persist/lun-meta.js';
 import { OverlapGate } from './overlap-gate.js';
 import { protectionOf, protectionReason } from './protection.js';
 import type { RateLimiter } from './rate-limit.js';
@@ -164,6 +164,9 @@ export class LunMirror {
     this.clears = new FlushedClears(store.bitmap.regions);
     this.compareClears = new FlushedClears(store.bitmap.regions);
   }
+
+  get name(): string { return this.lun; }
+  get size(): number { return this.backing.size; }
 
   /** After recovery: continue numbering after the journal and resync every marked region. */
   recover(): void {

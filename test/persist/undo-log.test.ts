@@ -6,7 +6,7 @@ import { crc32c } from '@node-rs/crc32';
 import { expect } from 'chai';
 import {
   UNDO_RECORD_HEADER_SIZE, UNDO_RECORD_MAGIC, UndoLog, UndoLogError, undoHeaderFixed, undoHeaderSize, undoRecordHeader,
-} from '../../src/journal/undo-log.js';
+} from '../../src/persist/undo-log.js';
 import { Backing } from '../../src/storage/backing.js';
 import { randomFile, sha256File, tmpDir, type TmpDir } from '../helpers/tmp.js';
 

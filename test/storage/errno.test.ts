@@ -3,7 +3,7 @@ import { expect } from 'chai';
 import {
   NBD_EINVAL, NBD_EIO, NBD_ENOMEM, NBD_ENOSPC, NBD_ENOTSUP, NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN,
 } from '../../src/nbd/constants.js';
-import { nbdErrno, nbdErrnoName } from '../../src/nbd/errors.js';
+import { nbdErrno, nbdErrnoName } from '../../src/storage/errno.js';
 import { NotFastError } from '../../src/storage/backing.js';
 
 function sysErr(code: string): NodeJS.ErrnoException {

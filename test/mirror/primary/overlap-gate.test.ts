@@ -1,7 +1,7 @@
 // OverlapGate: overlapping writes of a mirrored LUN enter one after the other, in arrival order;
 // non-overlapping ones run in parallel.
 import { expect } from 'chai';
-import { OverlapGate, type GateToken } from '../../src/lun/overlap-gate.js';
+import { OverlapGate, type GateToken } from '../../../src/mirror/primary/overlap-gate.js';
 
 /** Let every pending promise callback run. */
 function settle(): Promise<void> {

@@ -1,9 +1,9 @@
-// LUN metadata (src/lun/lun-meta.ts): created on first open (0600, a new generation for a
+// LUN metadata (src/persist/lun-meta.ts): created on first open (0600, a new generation for a
 // primary, none for a secondary), rotate/adopt/update persisted across reopen, written
 // atomically, and bound to its LUN's name.
 import fs from 'node:fs/promises';
 import { expect } from 'chai';
-import { LunMeta, newGeneration, NO_GENERATION, type LunMetaData } from '../../src/lun/lun-meta.js';
+import { LunMeta, newGeneration, NO_GENERATION, type LunMetaData } from '../../src/persist/lun-meta.js';
 import { tmpDir, type TmpDir } from '../helpers/tmp.js';
 
 const SIZE = 64 * 1024 * 1024;

@@ -2,23 +2,23 @@
 // apply requests to this site's secondary LUNs in the order the primary fixed.
 import type { AddressInfo } from 'node:net';
 import net from 'node:net';
-import { listenOn } from '../net/listen.js';
-import type { Logger } from '../log.js';
-import type { Lun } from '../lun/lun.js';
-import type { LunRegistry } from '../lun/registry.js';
-import { nbdErrno } from '../nbd/errors.js';
-import { FrameParser, STOP, type FrameSink } from '../net/frame-parser.js';
-import { SocketReader } from '../net/socket-reader.js';
-import type { MirrorTransport } from '../security/mirror-tls.js';
-import { hashRange } from '../storage/hash.js';
+import { listenOn } from '../../net/listen.js';
+import type { Logger } from '../../log.js';
+import type { Lun } from '../../lun/lun.js';
+import type { LunRegistry } from '../../lun/registry.js';
+import { nbdErrno } from '../../storage/errno.js';
+import { FrameParser, STOP, type FrameSink } from '../../net/frame-parser.js';
+import { SocketReader } from '../../net/socket-reader.js';
+import type { MirrorTransport } from '../../security/mirror-tls.js';
+import { hashRange } from '../../storage/hash.js';
 import { ApplyOrder } from './apply-order.js';
-import { decidePairing } from './pairing.js';
+import { decidePairing } from '../pairing.js';
 import {
   CONTROL, CONTROL_REQID, decodeGeneration, ESTALE, decodeHello, encodeHello, HELLO_ANSWER, HELLO_OFFER, MAX_HASH_LENGTH, MAX_HELLO_LENGTH,
   MAX_MIRROR_PAYLOAD, MAX_SET_GEN_PAYLOAD, MIRROR_FLAG, MIRROR_OP, OFFER_FLAG, PAIR, PAIR_REASON, readRequestHeader, REPLY_DATA_MAGIC,
   REPLY_DATA_SIZE, REPLY_MAGIC, REPLY_SIZE, REQUEST_HEADER_SIZE, SYNC, writeReply, type LunAnswer, type LunOffer,
   type MirrorRequestHeader,
-} from './wire.js';
+} from '../wire.js';
 
 const EINVAL = 22;
 /** A healthy sender keeps at most its async window (+ replay window) in flight; far beyond is abuse. */

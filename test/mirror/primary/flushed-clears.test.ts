@@ -1,8 +1,8 @@
 // FlushedClears: a clean region's bit goes only after a peer FLUSH that started after it was
 // gathered; a failed flush keeps it; forget() drops what waits. And the RegionSet steps it uses.
 import { expect } from 'chai';
-import { RegionSet } from '../../src/journal/region-set.js';
-import { FlushedClears } from '../../src/lun/flushed-clears.js';
+import { RegionSet } from '../../../src/persist/region-set.js';
+import { FlushedClears } from '../../../src/mirror/primary/flushed-clears.js';
 
 function members(s: RegionSet): number[] {
   const out: number[] = [];

@@ -4,7 +4,7 @@
 // long loop never holds the event loop (heartbeats, hosts, the systemd watchdog) for long.
 import { performance } from 'node:perf_hooks';
 import { setImmediate as yieldTurn } from 'node:timers/promises';
-import type { RegionSet } from '../journal/region-set.js';
+import type { RegionSet } from '../../persist/region-set.js';
 
 /** Regions [first, first+n) to compare as one range (one hash on each side). */
 export interface CompareItem {
