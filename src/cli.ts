@@ -5,7 +5,8 @@ import { parseArgs } from 'node:util';
 import { ConfigError, loadConfig } from './config/load.js';
 import { adminSocketPath, type SiteConfig } from './config/schema.js';
 import { createLogger } from './log.js';
-import { Site } from './site.js';
+import { Site } from './site/site.js';
+import { DataDir } from './site/data-dir.js';
 import {
   AdminUnreachableError, describeTarget, formatRoleChange, formatStatus, formatVerify, fetchStatus, parseAdminAddress, postAction,
   verifyLeftDifferences, type AdminTarget,
@@ -293,7 +294,7 @@ async function journal(args: string[]): Promise<number> {
   const cfg = loadConfig(opts.values.config as string);
   const lun = cfg.luns.find((l) => l.name === lunName);
   if (!lun) throw new UsageError(`no LUN "${lunName}" in ${opts.values.config}`);
-  const report = await inspectJournal(`${cfg.dataDir}/${lunName}.journal`, lunName, lun.path);
+  const report = await inspectJournal(new DataDir(cfg.dataDir).journal(lunName), lunName, lun.path);
   console.log(opts.values.json ? JSON.stringify(report, null, 2) : formatJournalReport(report));
   return report.corrupt ? EXIT_FAIL : EXIT_OK;
 }

@@ -37,7 +37,7 @@ export const PRIMARY_STATES = LUN_STATES.filter((s) => !s.startsWith('secondary-
 /** A secondary's states; split brain is recorded on both sites. */
 export const SECONDARY_STATES = LUN_STATES.filter((s) => s.startsWith('secondary-') || s === 'split-brain');
 
-/** The slice of the status snapshot the metrics read (see Site.status()). */
+/** The slice of the status snapshot (admin/status.ts SiteStatus) the metrics read; SiteStatus is one, unconverted. */
 export interface MetricsSnapshot {
   luns: Array<{
     name: string; state: string; role: string; mode?: string; size?: number; hosts?: number;
@@ -56,7 +56,7 @@ export interface MetricsSnapshot {
     heartbeat?: { sent: number; received: number; ignored: Record<string, number>; lastReceivedMs: number | null; rttMs: number | null };
     authentication?: { refused: number; failedOutgoing: number };
   } | null;
-  hostTls?: { established: number; failed: number };
+  hostTls?: { established: number; failed: number } | null;
 }
 
 /** Protection values that mean the peer holds (or is about to hold) every acknowledged write. */

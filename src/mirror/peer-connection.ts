@@ -5,6 +5,7 @@ import type net from 'node:net';
 import type { MirrorTransport } from '../security/mirror-tls.js';
 import { FrameParser, STOP, type FrameSink } from '../net/frame-parser.js';
 import { SocketReader } from '../net/socket-reader.js';
+import { CorkedWriter } from '../net/corked-writer.js';
 import {
   CONTROL_REQID, decodeHello, HelloError, MAX_HELLO_LENGTH, REPLY_DATA_MAGIC, REPLY_DATA_SIZE, REPLY_MAGIC, REPLY_SIZE, REQUEST_HEADER_SIZE, writeRequestHeader,
   type Hello, type MirrorRequestHeader,
@@ -28,6 +29,7 @@ export class PeerConnection implements FrameSink {
   /** Last time a reply arrived, or a request was sent to an idle connection (stall detection). */
   lastProgress = 0;
   socket: net.Socket | null = null;
+  private out: CorkedWriter | null = null;
   private readonly pending = new Map<number, MirrorOp>();
   private nextReqId = 1;
   private parser: FrameParser | null = null;
@@ -54,6 +56,7 @@ export class PeerConnection implements FrameSink {
     this.status = 'connecting';
     const { socket, ready } = transport.connect(host, port);
     this.socket = socket;
+    this.out = new CorkedWriter(socket);
     socket.setKeepAlive(true, 1000);
     const timer = setTimeout(() => socket.destroy(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
     timer.unref();
@@ -96,22 +99,10 @@ export class PeerConnection implements FrameSink {
     this.pending.set(op.reqId, op);
     const header = Buffer.allocUnsafe(REQUEST_HEADER_SIZE);
     writeRequestHeader(header, op);
-    const s = this.socket!;
-    // Requests issued in one event-loop turn leave in one writev.
-    if (!this.corked) {
-      this.corked = true;
-      s.cork();
-      setImmediate(this.uncork);
-    }
-    s.write(header);
-    if (op.payload) s.write(op.payload);
+    const out = this.out!;
+    out.write(header);
+    if (op.payload) out.write(op.payload);
   }
-
-  private corked = false;
-  private readonly uncork = (): void => {
-    this.corked = false;
-    this.socket?.uncork();
-  };
 
   onHeader(buf: Buffer, at: number): number {
     const magic = buf.readUInt32BE(at);

@@ -11,6 +11,7 @@ import {
 } from './constants.js';
 import { DISCARD, FrameParser, STOP, type FrameSink } from '../net/frame-parser.js';
 import { writeU64 } from '../net/u64.js';
+import { CorkedWriter } from '../net/corked-writer.js';
 import { nbdErrno } from '../storage/errno.js';
 import type { Session } from './handshake.js';
 
@@ -60,6 +61,7 @@ export class Transmission implements FrameSink {
   private draining = false;
   private idleWaiters: Array<() => void> = [];
   private readonly lun: Lun;
+  private readonly out: CorkedWriter;
 
   constructor(
     private readonly socket: Socket,
@@ -67,6 +69,7 @@ export class Transmission implements FrameSink {
     private readonly onViolation: (err: ProtocolViolation) => void,
   ) {
     this.lun = session.lun;
+    this.out = new CorkedWriter(socket);
     socket.on('data', this.onData);
     socket.on('drain', this.maybeResume);
     if (session.leftover.length) this.onData(session.leftover);
@@ -290,14 +293,7 @@ export class Transmission implements FrameSink {
 
   private send(out: Buffer, req: Request): void {
     if (!this.socket.destroyed) {
-      // Replies completed in the same event-loop turn leave in one writev: on loopback each
-      // socket write runs the receiver's TCP path inline, so fewer writes is much less CPU.
-      if (!this.corked) {
-        this.corked = true;
-        this.socket.cork();
-        setImmediate(this.uncork);
-      }
-      this.socket.write(out);
+      this.out.write(out);
     }
     this.inflight--;
     this.inflightBytes -= req.length;
@@ -309,12 +305,6 @@ export class Transmission implements FrameSink {
       for (const w of waiters) w();
     }
   }
-
-  private corked = false;
-  private readonly uncork = (): void => {
-    this.corked = false;
-    this.socket.uncork();
-  };
 
   private readonly maybeResume = (): void => {
     if (!this.paused) {

@@ -9,6 +9,7 @@ import type { LunRegistry } from '../../lun/registry.js';
 import { nbdErrno } from '../../storage/errno.js';
 import { FrameParser, STOP, type FrameSink } from '../../net/frame-parser.js';
 import { SocketReader } from '../../net/socket-reader.js';
+import { CorkedWriter } from '../../net/corked-writer.js';
 import type { MirrorTransport } from '../../security/mirror-tls.js';
 import { hashRange } from '../../storage/hash.js';
 import { ApplyOrder } from './apply-order.js';
@@ -229,13 +230,16 @@ class ReceiverConnection implements FrameSink {
   private current: MirrorRequestHeader | null = null;
   /** Payload bytes of requests waiting for their dependencies (bounded: a peer cannot park memory here). */
   private waitingBytes = 0;
+  private readonly out: CorkedWriter;
 
   constructor(
     private readonly socket: net.Socket,
     private readonly targets: Map<number, Target>,
     private readonly peer: string,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.out = new CorkedWriter(socket);
+  }
 
   start(leftover: Buffer): void {
     this.socket.on('data', (chunk: Buffer) => this.parser.push(chunk));
@@ -394,20 +398,8 @@ class ReceiverConnection implements FrameSink {
     const out = Buffer.allocUnsafe(REPLY_SIZE + (data ? REPLY_DATA_SIZE : 0));
     writeReply(out, 0, reqId, errno, data ? REPLY_DATA_MAGIC : REPLY_MAGIC);
     if (data) data.copy(out, REPLY_SIZE);
-    // Replies finished in one event-loop turn leave in one write (as NBD replies do).
-    if (!this.corked) {
-      this.corked = true;
-      this.socket.cork();
-      setImmediate(this.uncork);
-    }
-    this.socket.write(out);
+    this.out.write(out);
   }
-
-  private corked = false;
-  private readonly uncork = (): void => {
-    this.corked = false;
-    this.socket.uncork();
-  };
 
   private violate(reason: string): number {
     this.log.warn('mirror protocol violation, closing connection', { peer: this.peer, reason });

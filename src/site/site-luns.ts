@@ -1,0 +1,136 @@
+// Opening, re-rolling and closing a site's LUNs: each LUN gets what its role needs (mirror,
+// metadata, undo log, applied point) before hosts may see it.
+import type { LunConfig, SiteConfig } from '../config/schema.js';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../admin/metrics.js';
+import { Lun } from '../lun/lun.js';
+import type { LunRegistry } from '../lun/registry.js';
+import type { MirrorReceiver } from '../mirror/secondary/receiver.js';
+import type { MirrorSender } from '../mirror/sender.js';
+import type { NbdServer } from '../nbd/server.js';
+import { AppliedPoint } from '../persist/applied-point.js';
+import { LunMeta } from '../persist/lun-meta.js';
+import { UndoLog } from '../persist/undo-log.js';
+import { Backing } from '../storage/backing.js';
+import type { DataDir } from './data-dir.js';
+import type { MirrorStores } from './mirror-stores.js';
+
+export interface SiteParts {
+  config: SiteConfig;
+  luns: LunRegistry;
+  nbd: NbdServer;
+  metrics: Metrics;
+  sender: MirrorSender | null;
+  receiver: MirrorReceiver | null;
+  stores: MirrorStores;
+  files: DataDir;
+  log: Logger;
+}
+
+export class SiteLuns {
+  constructor(private readonly site: SiteParts) {}
+
+  async open(lc: LunConfig): Promise<void> {
+    const { config, log } = this.site;
+    const backing = await Backing.open(lc.path, lc.readOnly && lc.role !== 'secondary');
+    backing.fastPath = config.io.fastPath;
+    let meta: LunMeta | null = null;
+    let role = lc.role;
+    try {
+      if (config.mirror) {
+        meta = await LunMeta.open(this.site.files.meta(lc.name), lc.name, backing.size, lc.role);
+        if (meta.data.role && meta.data.role !== lc.role) {
+          log.warn('LUN role from its last promote/demote differs from the configuration; the promote/demote stands', {
+            lun: lc.name, role: meta.data.role, configured: lc.role,
+          });
+          role = meta.data.role;
+        }
+      }
+    } catch (err) {
+      await backing.close().catch(() => undefined);
+      throw err;
+    }
+    const mirror = role === 'secondary' ? 'none' : lc.role === 'primary' ? lc.mirror : 'sync';
+    const lun = new Lun({ ...lc, role, mirror }, backing);
+    lun.meta = meta;
+    // Exported only once everything it needs is open: a LUN that cannot mirror is not served at all.
+    try {
+      if (role === 'primary' && mirror !== 'none' && this.site.sender) await this.attachMirror(lun);
+      if (role === 'secondary' && meta) await this.openUndo(lun);
+    } catch (err) {
+      await backing.close().catch(() => undefined);
+      throw err;
+    }
+    this.site.luns.add(lun);
+    this.site.metrics.instrument(lun);
+    log.info('LUN opened', {
+      lun: lc.name, path: lc.path, size: backing.size, role, mirror,
+      blockDevice: backing.isBlockDevice, readOnly: lun.readOnly, generation: meta?.current,
+    });
+    if (meta?.data.promotedNeverSynced) {
+      log.warn('this LUN was promoted from a copy that never completed an initial sync: its data is not a state of the old primary', { lun: lc.name });
+    }
+    if (meta && role === 'secondary' && meta.neverSynced) {
+      log.warn('secondary never completed an initial sync: it is no state of the primary until one completes', { lun: lc.name });
+    } else if (meta && role === 'secondary' && !meta.data.consistent) {
+      log.warn('secondary is inconsistent (a resync was interrupted): the primary completes it on reconnect, or promote rolls it back', {
+        lun: lc.name, undoRegions: lun.undo?.saved,
+      });
+    }
+  }
+
+  /** A secondary's undo log and applied point. */
+  async openUndo(lun: Lun): Promise<void> {
+    const { files, log } = this.site;
+    lun.undo ??= await UndoLog.open(files.undo(lun.name), lun.name, lun.size);
+    lun.applied ??= await AppliedPoint.open(files.applied(lun.name), (reason) => {
+      log.warn('the secondary\'s applied point is damaged; the primary\'s offer decides where it resumes', { lun: lun.name, reason });
+    });
+  }
+
+  /** Open (and recover) a mirrored LUN's journal and bitmap, and give it its mirror. */
+  async attachMirror(lun: Lun, fresh = false): Promise<void> {
+    if (lun.spec.mirror === 'none') return;
+    // A promoted LUN starts a new line of history: what an earlier primary life left is void.
+    const store = await this.site.stores.open(lun, fresh);
+    const mirror = this.site.sender!.attach({ name: lun.name, mode: lun.spec.mirror, backing: lun.backing, meta: lun.meta! }, store);
+    lun.mirror = mirror;
+    mirror.recover();
+  }
+
+  /**
+   * Stop mirroring a LUN (demote, removal): in-flight requests get up to the shutdown timeout.
+   * Returns the mirror it had, for the caller to look at what it left unsent.
+   */
+  async detachMirror(lun: Lun): Promise<NonNullable<Lun['mirror']> | null> {
+    const m = lun.mirror;
+    if (!m) return null;
+    await m.drain(this.site.config.shutdownTimeoutMs);
+    this.site.sender?.detach(m);
+    await this.site.stores.close(m.storeRef);
+    lun.mirror = null;
+    return m;
+  }
+
+  async remove(name: string): Promise<void> {
+    const { luns, nbd, metrics, receiver, log } = this.site;
+    const lun = luns.get(name);
+    if (!lun) return;
+    nbd.dropLun(name);
+    luns.remove(name);
+    metrics.forget(name);
+    if (lun.mirror) {
+      await lun.mirror.drain(this.site.config.shutdownTimeoutMs);
+      const journal = lun.mirror.journalStatus();
+      if (journal.records > 0) {
+        log.warn('removed LUN still has journaled changes the peer lacks; they are kept and sent if it is added back', {
+          lun: name, records: journal.records,
+        });
+      }
+      await this.detachMirror(lun);
+    }
+    if (lun.spec.role === 'secondary') receiver?.requestReoffer(`secondary LUN ${name} removed`, name);
+    await lun.close();
+    log.info('LUN removed', { lun: name });
+  }
+}
