@@ -20,7 +20,9 @@
 #   BENCH_COMPARE_LIMIT   the flag threshold, a fraction                     (default 0.05)
 #   BENCH_COMPARE_KEEP    a directory to keep each run's JSON and log in      (default: none)
 # A short sitting: BENCH_SECONDS=3 BENCH_SIZE_MB=512 BENCH_COPY_MB=256 scripts/bench-compare.sh
-# (about 1.5 min per run with the default targets; the full default bench, 10 s per job, ~5 min).
+# (about 2 min per run with the default targets on a 2-CPU machine, so ~9 min for 2 rounds; the
+# full default bench, all targets at 10 s per job, takes several minutes per run).
+# The machine should be otherwise idle: an A/A run (the same revision twice) shows the noise.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -78,8 +78,11 @@ const pct = (v) => (v === null ? '' : `${(v * 100).toFixed(1)}%`);
 
 function main() {
   const o = args(process.argv.slice(2));
-  const oldRuns = o.old.map(load).filter(Boolean).map(rowsOf);
-  const newRuns = o.new.map(load).filter(Boolean).map(rowsOf);
+  const oldJson = o.old.map(load).filter(Boolean);
+  const newJson = o.new.map(load).filter(Boolean);
+  const oldRuns = oldJson.map(rowsOf);
+  const newRuns = newJson.map(rowsOf);
+  const loads = (runs) => runs.map((j) => j.meta?.loadavgAtStart?.[0] ?? '?').join(', ');
   // Grouped by target (in the bench's column order), then the bench's row order.
   const all = [...new Set([...oldRuns, ...newRuns].flatMap((m) => [...m.keys()]))];
   const targets = [...new Set(all.map((k) => k.split('\t')[0]))];
@@ -127,6 +130,7 @@ function main() {
     sep,
     ...rows.map(line),
     '',
+    `1-min load average at the start of each run (${oldJson[0]?.meta?.cpus ?? '?'} CPUs): old ${loads(oldJson)}; new ${loads(newJson)}.`,
     gaugeMax !== null ? `noise gauge: reference rows differ by up to ${pct(gaugeMax)} between the two sides.` : 'noise gauge: no reference target ran.',
     flagged.length ? `${flagged.length} of ${rows.length} rows more than ${pct(o.limit)} worse (marked WORSE); judge them against the gauge.`
       : `no row more than ${pct(o.limit)} worse.`,
