@@ -106,10 +106,15 @@ run() {
   fi
 }
 
-log "targets: $BENCH_TARGETS; $ROUNDS round(s), order old new per round"
+# Old first in odd rounds, new first in even ones: a machine that drifts busier or quieter
+# during the sitting does not always favour the same side.
+log "targets: $BENCH_TARGETS; $ROUNDS round(s), order old new, then new old"
 for ((r = 1; r <= ROUNDS; r++)); do
-  run old "$r" "$old_cli"
-  run new "$r" "$new_cli"
+  if ((r % 2)); then
+    run old "$r" "$old_cli"; run new "$r" "$new_cli"
+  else
+    run new "$r" "$new_cli"; run old "$r" "$old_cli"
+  fi
 done
 
 if [[ -n ${BENCH_COMPARE_KEEP:-} ]]; then
