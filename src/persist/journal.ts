@@ -19,7 +19,7 @@ import {
   JOURNAL_KIND, KNOWN_RECORD_FLAGS as KNOWN_FLAGS, MAX_LUN_NAME_BYTES, RECORD_CRC_OFFSET, RECORD_HEADER_SIZE,
   RECORD_MAGIC, writeRecordHeader, type RecordHeader,
 } from './record.js';
-import { GroupSync, SerialWriter } from './serial-writer.js';
+import { GroupSync, SerialWriter, WRITEV_MAX_BYTES, WRITEV_MAX_RECORDS } from './serial-writer.js';
 
 export { JOURNAL_KIND, RECORD_FLAG } from './record.js';
 export type { JournalEntry, JournalRecovery } from './journal-scan.js';
@@ -28,11 +28,6 @@ export type { JournalEntry, JournalRecovery } from './journal-scan.js';
 export interface JournalRecord { seq: number; dep: number; kind: number; flags: number; offset: number; length: number; data: Buffer | null }
 
 export class JournalError extends Error {}
-
-/** A coalesced write carries at most this many records (2 iovecs each: IOV_MAX is 1024)... */
-const MAX_BATCH_RECORDS = 512;
-/** ...and stops adding records once it holds this many bytes. */
-const MAX_BATCH_BYTES = 16 * 1024 * 1024;
 
 interface PendingAppend {
   hdr: Buffer;
@@ -73,8 +68,8 @@ export class Journal {
     this.writer = new SerialWriter<PendingAppend>({
       write: (batch) => this.writeBatch(batch),
       refuse: (p, failure) => p.reject(new JournalError(`journal ${this.path}: the journal failed: ${failure.message}`)),
-      maxItems: MAX_BATCH_RECORDS,
-      maxBytes: MAX_BATCH_BYTES,
+      maxItems: WRITEV_MAX_RECORDS,
+      maxBytes: WRITEV_MAX_BYTES,
       bytes: (p) => p.entry.recordBytes,
     });
   }

@@ -17,6 +17,13 @@ export class FailureLatch {
   }
 }
 
+/**
+ * Limits of a batch of (header, data) records written with one writev: 2 iovecs a record
+ * (IOV_MAX is 1024), and no more records once it holds 16 MiB. The journal and undo log use them.
+ */
+export const WRITEV_MAX_RECORDS = 512;
+export const WRITEV_MAX_BYTES = 16 * 1024 * 1024;
+
 class Barrier {
   constructor(readonly run: () => Promise<void>, readonly resolve: () => void, readonly reject: (err: Error) => void) {}
 }
