@@ -9,11 +9,10 @@
 // coalesced). Two pwrites of the same byte are never in flight together, so an older value can
 // never land after a newer one.
 import fs from 'node:fs';
-import { crc32c } from '@node-rs/crc32';
-import {
-  BITMAP_CRC_COVERS, BITMAP_MAGIC, BITMAP_VERSION, bitmapHeader, closeFd, createFileAtomic, fdatasync, fstatSize,
-  GroupSync, openFile, preadFull, pwriteFull,
-} from './record.js';
+import { closeFd, fdatasync, openOrCreate, preadFull } from './file-io.js';
+import { encodeHeader, readHeader } from './header.js';
+import { BITMAP_HEADER, BITMAP_MAGIC, BITMAP_VERSION, bitmapHeader } from './record.js';
+import { FailureLatch, GroupSync } from './serial-writer.js';
 import { nextSetBit, popcount8, type RegionSet } from './region-set.js';
 
 export class BitmapError extends Error {}
@@ -53,7 +52,8 @@ export class RegionBitmap {
   private next: Deferred | null = null;
   private writeGen = 0;
   private readonly syncer: GroupSync;
-  private failure: Error | null = null;
+  /** Set by a failed fdatasync (a failed write only leaves its bytes dirty, to be written again). */
+  private readonly latch = new FailureLatch();
   private closing: Promise<void> | null = null;
 
   private constructor(
@@ -70,11 +70,13 @@ export class RegionBitmap {
         await fdatasync(this.fd);
       } catch (err) {
         // The kernel may have dropped the dirty pages: what is on disk is no longer known.
-        this.failure ??= new Error(`fdatasync failed: ${(err as Error).message}`);
+        this.latch.latch(new Error(`fdatasync failed: ${(err as Error).message}`));
         throw this.failedError();
       }
     }, () => this.writeGen);
   }
+
+  private get failure(): Error | null { return this.latch.failure; }
 
   /** Open (or create, all clear) the bitmap file of a LUN. A header for another geometry throws BitmapError. */
   static async open(path: string, lunSize: number, regionSize: number = DEFAULT_REGION_SIZE): Promise<RegionBitmap> {
@@ -85,30 +87,13 @@ export class RegionBitmap {
     const regions = regionCount(lunSize, regionSize);
     if (regions > 0xffffffff) throw new BitmapError(`bitmap ${path}: ${regions} regions is too many; use larger regions`);
     const nbytes = Math.ceil(regions / 8);
-    const header = encodeHeader(lunSize, regionSize);
+    const header = encodeBitmapHeader(lunSize, regionSize);
 
-    let fd: number;
-    for (;;) {
-      try {
-        fd = await openFile(path, fs.constants.O_RDWR);
-        break;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-      }
-      try {
-        await createFileAtomic(path, Buffer.concat([header, Buffer.alloc(nbytes)]));
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-      }
-    }
+    const opened = await openOrCreate(path, Buffer.concat([header, Buffer.alloc(nbytes)]));
+    const { fd, size } = opened;
     try {
       const bits = Buffer.alloc(nbytes);
-      const size = await fstatSize(fd);
-      if (size === 0) {
-        // Only a file created empty by someone else looks like this (we create atomically).
-        await pwriteFull(fd, Buffer.concat([header, bits]), 0);
-        await fdatasync(fd);
-      } else {
+      if (!opened.fresh) {
         await checkHeader(fd, path, size, lunSize, regionSize);
         const want = header.length + nbytes;
         if (size !== want) throw new BitmapError(`bitmap ${path}: file has ${size} bytes, ${want} expected for its geometry (damaged)`);
@@ -382,24 +367,13 @@ function regionCount(lunSize: number, regionSize: number): number {
 }
 
 
-function encodeHeader(lunSize: number, regionSize: number): Buffer {
-  const buf = Buffer.alloc(bitmapHeader.span);
-  bitmapHeader.encode({ magic: BITMAP_MAGIC, version: BITMAP_VERSION, lunSize, regionSize, headerCrc: 0 }, buf);
-  buf.writeUInt32BE(crc32c(buf.subarray(0, BITMAP_CRC_COVERS)) >>> 0, BITMAP_CRC_COVERS);
-  return buf;
+function encodeBitmapHeader(lunSize: number, regionSize: number): Buffer {
+  return encodeHeader(BITMAP_HEADER, { magic: BITMAP_MAGIC, version: BITMAP_VERSION, lunSize, regionSize, headerCrc: 0 });
 }
 
 async function checkHeader(fd: number, path: string, size: number, lunSize: number, regionSize: number): Promise<void> {
   const fail = (what: string) => new BitmapError(`bitmap ${path}: ${what}`);
-  const buf = Buffer.alloc(bitmapHeader.span);
-  if (await preadFull(fd, buf, 0, buf.length, 0) < buf.length) {
-    throw fail(`file of ${size} bytes is shorter than a bitmap header (not a region bitmap, or truncated)`);
-  }
-  const h = bitmapHeader.decode(buf);
-  if (!h.magic.equals(BITMAP_MAGIC)) throw fail(`not a region bitmap (bad magic ${JSON.stringify(h.magic.toString('latin1'))})`);
-  if (h.version !== BITMAP_VERSION) throw fail(`bitmap format version ${h.version}, this build reads version ${BITMAP_VERSION}`);
-  const crc = crc32c(buf.subarray(0, BITMAP_CRC_COVERS)) >>> 0;
-  if (crc !== h.headerCrc) throw fail(`header CRC mismatch (stored 0x${h.headerCrc.toString(16)}, computed 0x${crc.toString(16)}): corrupt header`);
+  const { fields: h } = await readHeader(BITMAP_HEADER, fd, size, fail);
   if (h.lunSize !== lunSize || h.regionSize !== regionSize) {
     const was = `LUN of ${h.lunSize} bytes with ${h.regionSize}-byte regions`;
     const now = `${lunSize} bytes with ${regionSize}-byte regions`;
