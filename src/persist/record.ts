@@ -120,9 +120,3 @@ export const BITMAP_HEADER: HeaderKind<BitmapHeader> = {
   noun: 'bitmap', fileIs: 'a region bitmap', magic: BITMAP_MAGIC, version: BITMAP_VERSION,
   fixed: bitmapHeader, size: () => bitmapHeader.span, crcHex: (n) => n.toString(16),
 };
-
-// The I/O helpers moved to the persist kit; re-exported until every user imports them from there.
-export {
-  closeFd, createFileAtomic, fdatasync, fstatSize, fsyncDir, ftruncate, openFile, preadFull, pwriteFull, pwritevFull,
-} from './file-io.js';
-export { GroupSync } from './serial-writer.js';
