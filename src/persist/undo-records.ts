@@ -33,7 +33,7 @@ export const undoRecordHeader = lo.struct<UndoRecordHeader>([
 export const UNDO_RECORD_HEADER_SIZE = 20;
 export const UNDO_RECORD_CRC_OFFSET = 16;
 
-const UNDO_HEADER: HeaderKind<UndoHeaderFixed> = {
+export const UNDO_HEADER: HeaderKind<UndoHeaderFixed> = {
   noun: 'undo log', fileIs: 'an undo log', magic: UNDO_MAGIC, version: UNDO_VERSION,
   fixed: undoHeaderFixed, size: (f) => undoHeaderSize(f.nameLen), crcHex: hex,
 };
