@@ -192,21 +192,8 @@ export class RegionBitmap {
     if (n <= 0) return;
     this.checkRegion(first);
     this.checkRegion(first + n - 1);
-    const bits = this.bits;
     const end = first + n;
-    for (let r = first; r < end;) {
-      const k = r >>> 3;
-      const from = r & 7;
-      const to = Math.min(8, from + (end - r));
-      const m = ((0xff << from) & (0xff >> (8 - to))) & 0xff;
-      const old = bits[k];
-      const now = set ? old | m : old & ~m;
-      if (now !== old) {
-        bits[k] = now;
-        this.setCount += popcount8(now) - popcount8(old);
-      }
-      r += to - from;
-    }
+    this.setCount += fillBits(this.bits, first, end, set);
     this.bulkSpan(first >>> 3, ((end - 1) >>> 3) + 1);
   }
 
@@ -300,25 +287,8 @@ export class RegionBitmap {
     this.dirtyLo = this.dirtyHi = 0;
     this.inflight = carried;
     this.inflightDone = done;
-
-    // Runs of nearby dirty bytes, written synchronously: a few bytes into the page cache cost
-    // microseconds, far less than a thread-pool hop, and a synchronous write cannot be overtaken
-    // by an older one of the same byte.
-    const idx = [...carried].filter((k) => k < spanLo || k >= spanHi).sort((a, b) => a - b);
-    const headerLen = bitmapHeader.span;
-    const writeRun = (from: number, to: number) => {
-      for (let done = 0; done < to - from;) {
-        done += fs.writeSync(this.fd, this.bits, from + done, to - from - done, headerLen + from + done);
-      }
-    };
     try {
-      if (spanLo < spanHi) writeRun(spanLo, spanHi);
-      for (let i = 0; i < idx.length;) {
-        let j = i;
-        while (j + 1 < idx.length && idx[j + 1] - idx[j] <= COALESCE_GAP) j++;
-        writeRun(idx[i], idx[j] + 1);
-        i = j + 1;
-      }
+      writeRuns(this.fd, this.bits, carried, spanLo, spanHi);
     } catch (err) {
       // Not known to be on the file: write again next time.
       for (const k of carried) this.dirty.add(k);
@@ -360,6 +330,47 @@ export class RegionBitmap {
   private closedError(): BitmapError {
     return new BitmapError(`bitmap ${this.path}: the bitmap is closed`);
   }
+}
+
+/**
+ * Write bytes [spanLo, spanHi) and the `carried` byte indexes outside it to the file, in runs of
+ * nearby bytes, synchronously: a few bytes into the page cache cost microseconds, far less than
+ * a thread-pool hop, and a synchronous write cannot be overtaken by an older one of the same byte.
+ */
+function writeRuns(fd: number, bits: Buffer, carried: Set<number>, spanLo: number, spanHi: number): void {
+  const idx = [...carried].filter((k) => k < spanLo || k >= spanHi).sort((a, b) => a - b);
+  const headerLen = bitmapHeader.span;
+  const writeRun = (from: number, to: number) => {
+    for (let done = 0; done < to - from;) {
+      done += fs.writeSync(fd, bits, from + done, to - from - done, headerLen + from + done);
+    }
+  };
+  if (spanLo < spanHi) writeRun(spanLo, spanHi);
+  for (let i = 0; i < idx.length;) {
+    let j = i;
+    while (j + 1 < idx.length && idx[j + 1] - idx[j] <= COALESCE_GAP) j++;
+    writeRun(idx[i], idx[j] + 1);
+    i = j + 1;
+  }
+}
+
+/** Set (or clear) the bits of regions [first, end), whole bytes at a time; returns the change in set bits. */
+function fillBits(bits: Buffer, first: number, end: number, set: boolean): number {
+  let delta = 0;
+  for (let r = first; r < end;) {
+    const k = r >>> 3;
+    const from = r & 7;
+    const to = Math.min(8, from + (end - r));
+    const m = ((0xff << from) & (0xff >> (8 - to))) & 0xff;
+    const old = bits[k];
+    const now = set ? old | m : old & ~m;
+    if (now !== old) {
+      bits[k] = now;
+      delta += popcount8(now) - popcount8(old);
+    }
+    r += to - from;
+  }
+  return delta;
 }
 
 function regionCount(lunSize: number, regionSize: number): number {
