@@ -20,8 +20,8 @@ import type { Backing } from '../storage/backing.js';
 import { closeFd, fdatasync, ftruncate, openOrCreate, pwritevFull } from './file-io.js';
 import { SerialWriter, WRITEV_MAX_BYTES, WRITEV_MAX_RECORDS } from './serial-writer.js';
 import {
-  checkUndoHeader, DEFAULT_UNDO_GRANULARITY, encodeUndoHeader, encodeUndoRecordHeader, MAX_GRANULARITY, MAX_LUN_NAME_BYTES,
-  MIN_GRANULARITY, recoverUndoLog, regionCount, walkRecords, type Geometry,
+  checkUndoHeader, DEFAULT_UNDO_GRANULARITY, encodeUndoHeader, encodeUndoRecordHeader, MAX_LUN_NAME_BYTES, recoverUndoLog,
+  regionCount, regionRange, undoGeometry, walkRecords, type Geometry,
 } from './undo-records.js';
 
 export {
@@ -98,18 +98,10 @@ export class UndoLog {
    */
   static async open(path: string, lunName: string, lunSize: number, granularity: number = DEFAULT_UNDO_GRANULARITY): Promise<UndoLog> {
     const fail = (what: string) => new UndoLogError(`undo log ${path}: ${what}`);
-    if (!Number.isSafeInteger(lunSize) || lunSize < 0) throw fail(`invalid LUN size ${lunSize}`);
-    if (!Number.isInteger(granularity) || granularity < MIN_GRANULARITY || granularity > MAX_GRANULARITY
-      || (granularity & (granularity - 1)) !== 0) {
-      throw fail(`invalid granularity ${granularity} (a power of two from ${MIN_GRANULARITY} to ${MAX_GRANULARITY})`);
-    }
-    const regions = regionCount(lunSize, granularity);
-    if (regions > 0xffffffff) throw fail(`${regions} regions is too many; use a larger granularity`);
+    const geo = undoGeometry(lunSize, granularity, fail);
     const name = Buffer.from(lunName, 'utf8');
     if (name.length > MAX_LUN_NAME_BYTES) throw fail(`LUN name longer than ${MAX_LUN_NAME_BYTES} bytes`);
     const header = encodeUndoHeader(name, lunSize, granularity);
-    const geo: Geometry = { lunSize, granularity, regions };
-
     const opened = await openOrCreate(path, header);
     const fd = opened.fd;
     try {
@@ -130,7 +122,7 @@ export class UndoLog {
 
   /** True if every region the range touches (clipped to the LUN) has a durable record. */
   covers(offset: number, length: number): boolean {
-    const range = this.regionRange(offset, length);
+    const range = regionRange(this.lunSize, this.granularity, offset, length);
     if (!range) return false;
     const bits = this.bits;
     for (let r = range[0]; r < range[1]; r++) if ((bits[r >>> 3] & (1 << (r & 7))) === 0) return false;
@@ -149,7 +141,7 @@ export class UndoLog {
     if (backing.size !== this.lunSize) {
       return Promise.reject(this.error(`backing ${backing.path} has ${backing.size} bytes, the LUN ${this.lunSize}`));
     }
-    const range = this.regionRange(offset, length);
+    const range = regionRange(this.lunSize, this.granularity, offset, length);
     if (!range) return Promise.reject(this.error(`invalid range ${offset}+${length}`));
     const bits = this.bits;
     let waits: Set<SaveGroup> | null = null;
@@ -239,14 +231,6 @@ export class UndoLog {
   }
 
   // ---- internals --------------------------------------------------------------------------------
-
-  /** [first, end) regions of a range clipped to the LUN; null for an invalid range. */
-  private regionRange(offset: number, length: number): [number, number] | null {
-    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) return null;
-    const end = Math.min(offset + length, this.lunSize);
-    if (offset >= end) return [0, 0];
-    return [Math.floor(offset / this.granularity), Math.floor((end - 1) / this.granularity) + 1];
-  }
 
   private error(what: string): UndoLogError {
     return new UndoLogError(`undo log ${this.path}: ${what}`);

@@ -47,6 +47,26 @@ export function regionCount(lunSize: number, granularity: number): number {
   return Math.ceil(lunSize / granularity);
 }
 
+/** The geometry of a log for `lunSize` and `granularity`; throws `fail(...)` for values the format cannot hold. */
+export function undoGeometry(lunSize: number, granularity: number, fail: (what: string) => Error): Geometry {
+  if (!Number.isSafeInteger(lunSize) || lunSize < 0) throw fail(`invalid LUN size ${lunSize}`);
+  if (!Number.isInteger(granularity) || granularity < MIN_GRANULARITY || granularity > MAX_GRANULARITY
+    || (granularity & (granularity - 1)) !== 0) {
+    throw fail(`invalid granularity ${granularity} (a power of two from ${MIN_GRANULARITY} to ${MAX_GRANULARITY})`);
+  }
+  const regions = regionCount(lunSize, granularity);
+  if (regions > 0xffffffff) throw fail(`${regions} regions is too many; use a larger granularity`);
+  return { lunSize, granularity, regions };
+}
+
+/** [first, end) regions of a range clipped to the LUN; null for an invalid range. */
+export function regionRange(lunSize: number, granularity: number, offset: number, length: number): [number, number] | null {
+  if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) return null;
+  const end = Math.min(offset + length, lunSize);
+  if (offset >= end) return [0, 0];
+  return [Math.floor(offset / granularity), Math.floor((end - 1) / granularity) + 1];
+}
+
 export function encodeUndoHeader(name: Buffer, lunSize: number, granularity: number): Buffer {
   return encodeHeader(UNDO_HEADER, { magic: UNDO_MAGIC, version: UNDO_VERSION, lunSize, granularity, nameLen: name.length }, name);
 }
