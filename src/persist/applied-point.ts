@@ -13,7 +13,7 @@
 import { crc32c } from '@node-rs/crc32';
 import fs from 'node:fs';
 import { readU64, writeU64 } from '../net/u64.js';
-import { closeFd, fdatasync, openFile } from './record.js';
+import { closeFd, fdatasync, openFile } from './file-io.js';
 
 export const APPLIED_MAGIC = Buffer.from('NBDMAPLD', 'latin1');
 const SIZE = 64;

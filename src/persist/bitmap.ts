@@ -9,11 +9,10 @@
 // coalesced). Two pwrites of the same byte are never in flight together, so an older value can
 // never land after a newer one.
 import fs from 'node:fs';
-import { crc32c } from '@node-rs/crc32';
-import {
-  BITMAP_CRC_COVERS, BITMAP_MAGIC, BITMAP_VERSION, bitmapHeader, closeFd, createFileAtomic, fdatasync, fstatSize,
-  GroupSync, openFile, preadFull, pwriteFull,
-} from './record.js';
+import { closeFd, fdatasync, openOrCreate, preadFull } from './file-io.js';
+import { encodeHeader, readHeader } from './header.js';
+import { BITMAP_HEADER, BITMAP_MAGIC, BITMAP_VERSION, bitmapHeader } from './record.js';
+import { FailureLatch, GroupSync } from './serial-writer.js';
 import { nextSetBit, popcount8, type RegionSet } from './region-set.js';
 
 export class BitmapError extends Error {}
@@ -53,7 +52,8 @@ export class RegionBitmap {
   private next: Deferred | null = null;
   private writeGen = 0;
   private readonly syncer: GroupSync;
-  private failure: Error | null = null;
+  /** Set by a failed fdatasync (a failed write only leaves its bytes dirty, to be written again). */
+  private readonly latch = new FailureLatch();
   private closing: Promise<void> | null = null;
 
   private constructor(
@@ -70,11 +70,13 @@ export class RegionBitmap {
         await fdatasync(this.fd);
       } catch (err) {
         // The kernel may have dropped the dirty pages: what is on disk is no longer known.
-        this.failure ??= new Error(`fdatasync failed: ${(err as Error).message}`);
+        this.latch.latch(new Error(`fdatasync failed: ${(err as Error).message}`));
         throw this.failedError();
       }
     }, () => this.writeGen);
   }
+
+  private get failure(): Error | null { return this.latch.failure; }
 
   /** Open (or create, all clear) the bitmap file of a LUN. A header for another geometry throws BitmapError. */
   static async open(path: string, lunSize: number, regionSize: number = DEFAULT_REGION_SIZE): Promise<RegionBitmap> {
@@ -85,30 +87,13 @@ export class RegionBitmap {
     const regions = regionCount(lunSize, regionSize);
     if (regions > 0xffffffff) throw new BitmapError(`bitmap ${path}: ${regions} regions is too many; use larger regions`);
     const nbytes = Math.ceil(regions / 8);
-    const header = encodeHeader(lunSize, regionSize);
+    const header = encodeBitmapHeader(lunSize, regionSize);
 
-    let fd: number;
-    for (;;) {
-      try {
-        fd = await openFile(path, fs.constants.O_RDWR);
-        break;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-      }
-      try {
-        await createFileAtomic(path, Buffer.concat([header, Buffer.alloc(nbytes)]));
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-      }
-    }
+    const opened = await openOrCreate(path, Buffer.concat([header, Buffer.alloc(nbytes)]));
+    const { fd, size } = opened;
     try {
       const bits = Buffer.alloc(nbytes);
-      const size = await fstatSize(fd);
-      if (size === 0) {
-        // Only a file created empty by someone else looks like this (we create atomically).
-        await pwriteFull(fd, Buffer.concat([header, bits]), 0);
-        await fdatasync(fd);
-      } else {
+      if (!opened.fresh) {
         await checkHeader(fd, path, size, lunSize, regionSize);
         const want = header.length + nbytes;
         if (size !== want) throw new BitmapError(`bitmap ${path}: file has ${size} bytes, ${want} expected for its geometry (damaged)`);
@@ -207,21 +192,8 @@ export class RegionBitmap {
     if (n <= 0) return;
     this.checkRegion(first);
     this.checkRegion(first + n - 1);
-    const bits = this.bits;
     const end = first + n;
-    for (let r = first; r < end;) {
-      const k = r >>> 3;
-      const from = r & 7;
-      const to = Math.min(8, from + (end - r));
-      const m = ((0xff << from) & (0xff >> (8 - to))) & 0xff;
-      const old = bits[k];
-      const now = set ? old | m : old & ~m;
-      if (now !== old) {
-        bits[k] = now;
-        this.setCount += popcount8(now) - popcount8(old);
-      }
-      r += to - from;
-    }
+    this.setCount += fillBits(this.bits, first, end, set);
     this.bulkSpan(first >>> 3, ((end - 1) >>> 3) + 1);
   }
 
@@ -315,25 +287,8 @@ export class RegionBitmap {
     this.dirtyLo = this.dirtyHi = 0;
     this.inflight = carried;
     this.inflightDone = done;
-
-    // Runs of nearby dirty bytes, written synchronously: a few bytes into the page cache cost
-    // microseconds, far less than a thread-pool hop, and a synchronous write cannot be overtaken
-    // by an older one of the same byte.
-    const idx = [...carried].filter((k) => k < spanLo || k >= spanHi).sort((a, b) => a - b);
-    const headerLen = bitmapHeader.span;
-    const writeRun = (from: number, to: number) => {
-      for (let done = 0; done < to - from;) {
-        done += fs.writeSync(this.fd, this.bits, from + done, to - from - done, headerLen + from + done);
-      }
-    };
     try {
-      if (spanLo < spanHi) writeRun(spanLo, spanHi);
-      for (let i = 0; i < idx.length;) {
-        let j = i;
-        while (j + 1 < idx.length && idx[j + 1] - idx[j] <= COALESCE_GAP) j++;
-        writeRun(idx[i], idx[j] + 1);
-        i = j + 1;
-      }
+      writeRuns(this.fd, this.bits, carried, spanLo, spanHi);
     } catch (err) {
       // Not known to be on the file: write again next time.
       for (const k of carried) this.dirty.add(k);
@@ -377,29 +332,59 @@ export class RegionBitmap {
   }
 }
 
+/**
+ * Write bytes [spanLo, spanHi) and the `carried` byte indexes outside it to the file, in runs of
+ * nearby bytes, synchronously: a few bytes into the page cache cost microseconds, far less than
+ * a thread-pool hop, and a synchronous write cannot be overtaken by an older one of the same byte.
+ */
+function writeRuns(fd: number, bits: Buffer, carried: Set<number>, spanLo: number, spanHi: number): void {
+  const idx = [...carried].filter((k) => k < spanLo || k >= spanHi).sort((a, b) => a - b);
+  const headerLen = bitmapHeader.span;
+  const writeRun = (from: number, to: number) => {
+    for (let done = 0; done < to - from;) {
+      done += fs.writeSync(fd, bits, from + done, to - from - done, headerLen + from + done);
+    }
+  };
+  if (spanLo < spanHi) writeRun(spanLo, spanHi);
+  for (let i = 0; i < idx.length;) {
+    let j = i;
+    while (j + 1 < idx.length && idx[j + 1] - idx[j] <= COALESCE_GAP) j++;
+    writeRun(idx[i], idx[j] + 1);
+    i = j + 1;
+  }
+}
+
+/** Set (or clear) the bits of regions [first, end), whole bytes at a time; returns the change in set bits. */
+function fillBits(bits: Buffer, first: number, end: number, set: boolean): number {
+  let delta = 0;
+  for (let r = first; r < end;) {
+    const k = r >>> 3;
+    const from = r & 7;
+    const to = Math.min(8, from + (end - r));
+    const m = ((0xff << from) & (0xff >> (8 - to))) & 0xff;
+    const old = bits[k];
+    const now = set ? old | m : old & ~m;
+    if (now !== old) {
+      bits[k] = now;
+      delta += popcount8(now) - popcount8(old);
+    }
+    r += to - from;
+  }
+  return delta;
+}
+
 function regionCount(lunSize: number, regionSize: number): number {
   return Math.ceil(lunSize / regionSize);
 }
 
 
-function encodeHeader(lunSize: number, regionSize: number): Buffer {
-  const buf = Buffer.alloc(bitmapHeader.span);
-  bitmapHeader.encode({ magic: BITMAP_MAGIC, version: BITMAP_VERSION, lunSize, regionSize, headerCrc: 0 }, buf);
-  buf.writeUInt32BE(crc32c(buf.subarray(0, BITMAP_CRC_COVERS)) >>> 0, BITMAP_CRC_COVERS);
-  return buf;
+function encodeBitmapHeader(lunSize: number, regionSize: number): Buffer {
+  return encodeHeader(BITMAP_HEADER, { magic: BITMAP_MAGIC, version: BITMAP_VERSION, lunSize, regionSize, headerCrc: 0 });
 }
 
 async function checkHeader(fd: number, path: string, size: number, lunSize: number, regionSize: number): Promise<void> {
   const fail = (what: string) => new BitmapError(`bitmap ${path}: ${what}`);
-  const buf = Buffer.alloc(bitmapHeader.span);
-  if (await preadFull(fd, buf, 0, buf.length, 0) < buf.length) {
-    throw fail(`file of ${size} bytes is shorter than a bitmap header (not a region bitmap, or truncated)`);
-  }
-  const h = bitmapHeader.decode(buf);
-  if (!h.magic.equals(BITMAP_MAGIC)) throw fail(`not a region bitmap (bad magic ${JSON.stringify(h.magic.toString('latin1'))})`);
-  if (h.version !== BITMAP_VERSION) throw fail(`bitmap format version ${h.version}, this build reads version ${BITMAP_VERSION}`);
-  const crc = crc32c(buf.subarray(0, BITMAP_CRC_COVERS)) >>> 0;
-  if (crc !== h.headerCrc) throw fail(`header CRC mismatch (stored 0x${h.headerCrc.toString(16)}, computed 0x${crc.toString(16)}): corrupt header`);
+  const { fields: h } = await readHeader(BITMAP_HEADER, fd, size, fail);
   if (h.lunSize !== lunSize || h.regionSize !== regionSize) {
     const was = `LUN of ${h.lunSize} bytes with ${h.regionSize}-byte regions`;
     const now = `${lunSize} bytes with ${regionSize}-byte regions`;

@@ -6,7 +6,8 @@
 // Written atomically: a temporary file, fsync, rename, fsync of the directory.
 import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
-import path from 'node:path';
+import { replaceFileAtomic } from './file-io.js';
+import { SerialWriter } from './serial-writer.js';
 
 /** "Never had a copy": a secondary created empty, or one whose changes were discarded. */
 export const NO_GENERATION = '0000000000000000';
@@ -109,32 +110,19 @@ export class LunMeta {
     await this.save();
   }
 
-  /** Saves run one at a time (each writes the latest data), so none renames another's temporary file. */
+  /**
+   * Saves run one at a time (each writes the latest data), so none renames another's temporary
+   * file. A failed save is the caller's to handle: later saves still run (nothing is latched).
+   */
   save(): Promise<void> {
-    const next = this.saving.then(() => this.write());
-    this.saving = next.catch(() => undefined);
-    return next;
+    return this.writer.barrier(() => this.write());
   }
 
-  private saving: Promise<void> = Promise.resolve();
+  private readonly writer = new SerialWriter();
 
   private async write(): Promise<void> {
     this.data.updatedMs = Date.now();
-    const tmp = `${this.file}.tmp`;
-    const fh = await fs.open(tmp, 'w', 0o600);
-    try {
-      await fh.writeFile(JSON.stringify(this.data, null, 2) + '\n');
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await fs.rename(tmp, this.file);
-    const dir = await fs.open(path.dirname(this.file), 'r');
-    try {
-      await dir.sync();
-    } finally {
-      await dir.close();
-    }
+    await replaceFileAtomic(this.file, `${this.file}.tmp`, Buffer.from(JSON.stringify(this.data, null, 2) + '\n', 'utf8'));
   }
 }
 

@@ -1,14 +1,12 @@
-// On-disk structures of the mirror journal and the dirty-region bitmap (docs/journal-format.md),
-// plus the small positional-I/O helpers both files use. All integers big-endian.
+// On-disk structures of the mirror journal and the dirty-region bitmap (docs/journal-format.md).
+// All integers big-endian. (Positional I/O: file-io.ts; the header codec: header.ts.)
 //
 // The buffer-layout definitions below are the documented layout. The journal record header is
 // on the hot path (one per journaled host write), so writeRecordHeader()/readRecordHeader()
 // encode it with plain Buffer calls; test/persist/journal.test.ts checks that both agree.
 import { readU64, writeU64 } from '../net/u64.js';
-import { randomBytes } from 'node:crypto';
-import fs from 'node:fs';
-import path from 'node:path';
 import lo from 'buffer-layout';
+import { hex8, type HeaderKind } from './header.js';
 
 // ---- journal file header -------------------------------------------------------------------
 
@@ -28,6 +26,19 @@ export const MAX_LUN_NAME_BYTES = 0xffff;
 export function journalHeaderSize(nameBytes: number): number {
   return journalHeaderFixed.span + nameBytes + headerCrc.span;
 }
+
+export const JOURNAL_HEADER: HeaderKind<JournalHeaderFixed> = {
+  noun: 'journal', fileIs: 'a mirror journal', magic: JOURNAL_MAGIC, version: JOURNAL_VERSION,
+  fixed: journalHeaderFixed, size: (f) => journalHeaderSize(f.nameLen), crcHex: hex8,
+};
+
+export const JOURNAL_KIND = { WRITE: 1, WRITE_ZEROES: 2 } as const;
+
+// RESYNC: a region copy in flight when the link failed keeps its sequence number in the journal,
+// so the replay stays dense (a later record may depend on it).
+/** Request flags a record keeps (the mirror wire uses the same values: mirror/wire.ts MIRROR_FLAG). */
+export const RECORD_FLAG = { FUA: 1, MAY_PUNCH: 2, RESYNC: 4 } as const;
+export const KNOWN_RECORD_FLAGS = RECORD_FLAG.FUA | RECORD_FLAG.MAY_PUNCH | RECORD_FLAG.RESYNC;
 
 // ---- journal record header -----------------------------------------------------------------
 
@@ -104,168 +115,8 @@ export const bitmapHeader = lo.struct<BitmapHeader>([
 /** Bytes of the bitmap header the headerCrc covers. */
 export const BITMAP_CRC_COVERS = bitmapHeader.span - 4;
 
-// ---- positional I/O (Number positions: Node 20 ignores bigint ones) --------------------------
-
-export const FILE_MODE = 0o600;
-
-export function openFile(file: string, flags: number, mode = FILE_MODE): Promise<number> {
-  return new Promise((resolve, reject) => fs.open(file, flags, mode, (err, fd) => (err ? reject(err) : resolve(fd))));
-}
-
-export function closeFd(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fs.close(fd, (err) => (err ? reject(err) : resolve())));
-}
-
-export function fdatasync(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
-}
-
-export function ftruncate(fd: number, len: number): Promise<void> {
-  return new Promise((resolve, reject) => fs.ftruncate(fd, len, (err) => (err ? reject(err) : resolve())));
-}
-
-export function fstatSize(fd: number): Promise<number> {
-  return new Promise((resolve, reject) => fs.fstat(fd, (err, st) => (err ? reject(err) : resolve(st.size))));
-}
-
-/** Read up to `len` bytes at `pos` into `buf` at `at`; returns the bytes read (short only at EOF). */
-export function preadFull(fd: number, buf: Buffer, at: number, len: number, pos: number): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const step = (done: number): void => {
-      if (done === len) return resolve(done);
-      fs.read(fd, buf, at + done, len - done, pos + done, (err, n) => {
-        if (err) return reject(err);
-        if (n === 0) return resolve(done);
-        step(done + n);
-      });
-    };
-    step(0);
-  });
-}
-
-/** Write all of `buf` at `pos`. */
-export function pwriteFull(fd: number, buf: Buffer, pos: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const step = (done: number): void => {
-      if (done === buf.length) return resolve();
-      fs.write(fd, buf, done, buf.length - done, pos + done, (err, n) => {
-        if (err) return reject(err);
-        if (n === 0) return reject(Object.assign(new Error(`short write at ${pos + done}`), { code: 'EIO' }));
-        step(done + n);
-      });
-    };
-    step(0);
-  });
-}
-
-/** Write every buffer of `bufs`, back to back, at `pos` (one writev; continues after a short write). */
-export function pwritevFull(fd: number, bufs: Buffer[], pos: number): Promise<void> {
-  let total = 0;
-  for (const b of bufs) total += b.length;
-  return new Promise((resolve, reject) => {
-    const step = (list: Buffer[], at: number, left: number): void => {
-      fs.writev(fd, list, at, (err, n) => {
-        if (err) return reject(err);
-        if (n === left) return resolve();
-        if (n === 0) return reject(Object.assign(new Error(`short write at ${at}`), { code: 'EIO' }));
-        // Drop the bytes written and go on with the rest.
-        let skip = n;
-        let i = 0;
-        while (skip >= list[i].length) skip -= list[i++].length;
-        const rest = list.slice(i);
-        rest[0] = rest[0].subarray(skip);
-        step(rest, at + n, left - n);
-      });
-    };
-    if (total === 0) resolve();
-    else step(bufs, pos, total);
-  });
-}
-
-/**
- * Create `file` holding exactly `content`, atomically: write a temporary file next to it,
- * fdatasync, rename over, fsync the directory. Either the old state (no file) or the complete
- * file survives a crash. Fails with EEXIST if `file` exists.
- */
-export async function createFileAtomic(file: string, content: Buffer): Promise<void> {
-  const tmp = `${file}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
-  const fd = await openFile(tmp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC);
-  try {
-    await pwriteFull(fd, content, 0);
-    await fdatasync(fd);
-  } catch (err) {
-    await closeFd(fd).catch(() => undefined);
-    await fs.promises.rm(tmp, { force: true });
-    throw err;
-  }
-  await closeFd(fd);
-  try {
-    // link() fails if `file` appeared meanwhile instead of replacing it (rename would).
-    await fs.promises.link(tmp, file);
-  } finally {
-    await fs.promises.rm(tmp, { force: true });
-  }
-  await fsyncDir(path.dirname(file));
-}
-
-export async function fsyncDir(dir: string): Promise<void> {
-  const fd = await openFile(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
-  try {
-    await new Promise<void>((resolve, reject) => fs.fsync(fd, (err) => (err ? reject(err) : resolve())));
-  } finally {
-    await closeFd(fd);
-  }
-}
-
-/**
- * Group commit for one file descriptor. `level()` is a monotonic count of completed writes;
- * sync() resolves once an fdatasync that started at or after the level seen at call time has
- * completed. At most one fdatasync is in flight and one queued; every caller in between shares them.
- */
-export class GroupSync {
-  private synced = 0;
-  private inflight: { covers: number; promise: Promise<void> } | null = null;
-  private queued: { promise: Promise<void>; resolve: () => void; reject: (err: Error) => void } | null = null;
-
-  constructor(private readonly doSync: () => Promise<void>, private readonly level: () => number) {}
-
-  sync(): Promise<void> {
-    const target = this.level();
-    if (this.inflight) {
-      if (this.inflight.covers >= target) return this.inflight.promise;
-    } else if (this.synced >= target) {
-      return Promise.resolve();
-    }
-    if (!this.queued) {
-      let resolve!: () => void;
-      let reject!: (err: Error) => void;
-      const promise = new Promise<void>((res, rej) => { resolve = res; reject = rej; });
-      this.queued = { promise, resolve, reject };
-    }
-    const p = this.queued.promise;
-    if (!this.inflight) this.start();
-    return p;
-  }
-
-  /** Resolves once nothing is in flight or queued (errors are the callers' business). */
-  async idle(): Promise<void> {
-    while (this.inflight) await this.inflight.promise.catch(() => undefined);
-  }
-
-  private start(): void {
-    const q = this.queued!;
-    this.queued = null;
-    const covers = this.level();
-    this.inflight = { covers, promise: q.promise };
-    this.doSync().then(() => {
-      if (covers > this.synced) this.synced = covers;
-      this.inflight = null;
-      q.resolve();
-      if (this.queued) this.start();
-    }, (err: Error) => {
-      this.inflight = null;
-      q.reject(err);
-      if (this.queued) this.start();
-    });
-  }
-}
+/** The bitmap header's CRC is its struct's last field. Its messages print CRCs unpadded, as always. */
+export const BITMAP_HEADER: HeaderKind<BitmapHeader> = {
+  noun: 'bitmap', fileIs: 'a region bitmap', magic: BITMAP_MAGIC, version: BITMAP_VERSION,
+  fixed: bitmapHeader, size: () => bitmapHeader.span, crcHex: (n) => n.toString(16),
+};
