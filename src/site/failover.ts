@@ -79,6 +79,8 @@ export class Failover {
     await meta.update({
       role: 'secondary', localChanges: unsent || meta.data.localChanges, consistent: true, syncCompare: false, discardPeer: false, copyId: newGeneration(),
     });
+    // Read-only for hosts at once; fed only once its undo log and applied point are open.
+    lun.become(new SecondaryRole());
     lun.become(new SecondaryRole(await this.lunsOf.openSecondary(lun)));
     sender!.resession(`LUN ${name} demoted`);
     receiver!.requestReoffer(`LUN ${name} demoted`);
