@@ -1,4 +1,4 @@
-// Prometheus metrics (prom-client): latency histograms fed on the hot path through Lun.latency,
+// Prometheus metrics (prom-client): latency histograms fed on the hot path through a LUN's stats layer,
 // everything else read from the site's status snapshot at scrape time (one source of truth).
 //
 // Series budget (test/admin/metrics.test.ts counts a 64-LUN site): per LUN the latency histogram
@@ -6,7 +6,7 @@
 // site-wide histogram; the state gauge lists only the states of the LUN's role.
 import fs from 'node:fs';
 import client from 'prom-client';
-import type { Lun } from '../lun/lun.js';
+import type { LatencyHook } from '../lun/stats-layer.js';
 import { CMD } from '../nbd/constants.js';
 import { logLinesLost } from '../log.js';
 import { catchup } from '../mirror/primary/protection.js';
@@ -239,8 +239,8 @@ export class Metrics {
     });
   }
 
-  /** Hook a LUN's hot path into the latency histogram (children cached: no label lookups per request). */
-  instrument(lun: Lun): void {
+  /** Hook a LUN's hot path (its stats layer) into the latency histogram (children cached: no label lookups per request). */
+  instrument(lun: { readonly name: string; latency: LatencyHook | null }): void {
     const children = new Map<number, { lun: client.Histogram.Internal<'lun' | 'op'> | null; site: client.Histogram.Internal<'op'> }>();
     for (const [type, op] of Object.entries(OPS)) {
       children.set(Number(type), { lun: LUN_OPS.has(op) ? this.latency.labels(lun.name, op) : null, site: this.siteLatency.labels(op) });

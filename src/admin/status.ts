@@ -4,6 +4,7 @@ import type { HeartbeatStats } from '../health/heartbeat.js';
 import type { LunCounters } from '../lun/lun.js';
 import type { LunMirror } from '../mirror/primary/lun-mirror.js';
 import type { Protection } from '../mirror/primary/protection.js';
+import type { SecondaryStatus } from '../mirror/secondary/secondary-lun.js';
 import type { LunMetaData } from '../persist/lun-meta.js';
 import type { JournalRecovery } from '../persist/journal.js';
 import type { MirrorTlsStats } from '../security/mirror-tls.js';
@@ -60,11 +61,9 @@ export interface PrimaryLunStatus extends LunStatusBase {
   recovery: JournalRecovery | null;
 }
 
-export interface SecondaryLunStatus extends LunStatusBase {
-  mode: 'secondary'; reason?: string; peer: string | null; appliedSeq: number;
-  applied: { ops: number; bytes: number; flushes: number; errors: number };
-  pairing: { sync: 'incremental' | 'full'; reason: string } | null;
-  undoRegions: number;
+/** A secondary: the common fields, then its SecondaryLun's own (mirror/secondary/secondary-lun.ts). */
+export interface SecondaryLunStatus extends LunStatusBase, SecondaryStatus {
+  mode: 'secondary'; state: SecondaryStatus['state'];
 }
 
 export type LunStatus = StandaloneLunStatus | PrimaryLunStatus | SecondaryLunStatus;

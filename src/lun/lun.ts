@@ -1,19 +1,23 @@
-// One LUN: its backing store and the write path hosts see through NBD. Mirroring policy
-// (sync / async / journal) wraps these operations without the NBD layer knowing.
+// One LUN: its backing store under a stack of layers (stats → mirror, on a mirrored primary →
+// backing) and a role object swapped whole on promote/demote. The NBD layer sees only this.
 import { allowList } from '../net/cidr.js';
 import type { Backing, Extent } from '../storage/backing.js';
-import type { AppliedPoint } from '../persist/applied-point.js';
-import type { UndoLog } from '../persist/undo-log.js';
 import type { LunMeta } from '../persist/lun-meta.js';
 import type { LunMirror } from '../mirror/primary/lun-mirror.js';
+import type { SecondaryLun } from '../mirror/secondary/secondary-lun.js';
+import { BackingLayer } from './backing-layer.js';
+import { PrimaryRole, SecondaryRole, type LunRole, type MirrorMode, type Role } from './roles.js';
+import { StatsLayer, type LunCounters } from './stats-layer.js';
 
-export type Role = 'primary' | 'secondary';
-export type MirrorMode = 'sync' | 'async' | 'none';
+export type { MirrorMode, Role } from './roles.js';
+export type { LunCounters } from './stats-layer.js';
 
 export interface LunSpec {
   name: string;
   path: string;
+  /** The role it opens with; `Lun.role` is the role now. */
   role: Role;
+  /** Likewise the mode it opens with; `Lun.mode` is the mode now. */
   mirror: MirrorMode;
   readOnly: boolean;
   description: string;
@@ -21,96 +25,65 @@ export interface LunSpec {
   allowedNetworks?: readonly string[];
 }
 
-export interface LunCounters {
-  readOps: number; readBytes: number;
-  writeOps: number; writeBytes: number;
-  trimOps: number; zeroOps: number; flushOps: number;
-  errors: number;
-}
-
-export interface ZeroOptions { mayPunch: boolean; fastOnly: boolean; fua: boolean }
-
 export class Lun {
-  readonly counters: LunCounters = {
-    readOps: 0, readBytes: 0, writeOps: 0, writeBytes: 0, trimOps: 0, zeroOps: 0, flushOps: 0, errors: 0,
-  };
-  /** The sending half of the mirror (primary LUNs with mode sync/async). */
-  mirror: LunMirror | null = null;
-  /** Generation ids and role (lun-meta.ts); set by the site for every LUN of a mirrored site. */
-  meta: LunMeta | null = null;
-  /** Secondary: saves what resyncs overwrite so an interrupted one can be rolled back. */
-  undo: UndoLog | null = null;
-  /** Secondary: how far it has applied the primary's requests (survives restarts). */
-  applied: AppliedPoint | null = null;
-  /** Per-request latency hook (NBD command type, seconds), set by the metrics module. */
-  latency: ((type: number, seconds: number) => void) | null = null;
-
+  /** The top of the stack: hosts' requests enter here. */
+  readonly stats: StatsLayer;
+  private readonly base: BackingLayer;
+  private current: LunRole;
   /** allowedNetworks as a predicate, built once here rather than per handshake (null: everyone). */
   private readonly allowed: ((address: string | undefined) => boolean) | null;
 
-  constructor(readonly spec: LunSpec, readonly backing: Backing) {
+  /** `meta`: generation ids and role (lun-meta.ts), for every LUN of a mirrored site. */
+  constructor(readonly spec: LunSpec, readonly backing: Backing, readonly meta: LunMeta | null = null) {
     this.allowed = allowList(spec.allowedNetworks ?? []);
+    this.base = new BackingLayer(backing);
+    this.current = spec.role === 'secondary' ? new SecondaryRole() : new PrimaryRole(spec.mirror);
+    this.stats = new StatsLayer(spec.name, this.current.layer(this.base));
   }
 
   get name(): string { return this.spec.name; }
   get size(): number { return this.backing.size; }
+  get role(): Role { return this.current.name; }
+  get mode(): MirrorMode { return this.current.mode; }
+  /** The sending half of the mirror (a primary with mode sync/async, once attached). */
+  get mirror(): LunMirror | null { return this.current.mirror; }
+  /** The receiving half (a secondary of a mirrored site). */
+  get secondary(): SecondaryLun | null { return this.current.name === 'secondary' ? this.current.secondary : null; }
   /** What hosts may do: a secondary is exported read-only, as is an explicitly read-only LUN. */
-  get readOnly(): boolean { return this.spec.readOnly || this.spec.role === 'secondary'; }
+  get readOnly(): boolean { return this.spec.readOnly || this.current.readOnly; }
   get description(): string { return this.spec.description; }
+  get counters(): LunCounters { return this.stats.counters; }
+  /** Whether extents() can report holes (not on a block device). */
+  get sparse(): boolean { return this.stats.sparse; }
+
   /** Whether a host at `address` may see and attach this LUN. */
   allows(address: string | undefined): boolean { return this.allowed === null || this.allowed(address); }
 
-  read(buf: Buffer, pos: number): Promise<void> {
-    this.countRead(buf.length);
-    return this.backing.read(buf, pos);
+  /** Take on `role` (its layer goes under the stats); returns the role it had. */
+  become(role: LunRole): LunRole {
+    const old = this.current;
+    this.current = role;
+    this.stats.stack(role.layer(this.base));
+    return old;
   }
 
-  /** One host read of `len` bytes (a sparse read is served in pieces but counts once). */
-  countRead(len: number): void {
-    this.counters.readOps++;
-    this.counters.readBytes += len;
+  read(buf: Buffer, pos: number): Promise<void> { return this.stats.read(buf, pos); }
+  /** One host read served in pieces (readPiece) counts once, here. */
+  countRead(len: number): void { this.stats.countRead(len); }
+  readPiece(buf: Buffer, pos: number): Promise<void> { return this.stats.readPiece(buf, pos); }
+  write(buf: Buffer, pos: number, fua: boolean): Promise<void> { return this.stats.write(buf, pos, fua); }
+  flush(): Promise<void> { return this.stats.flush(); }
+  /** TRIM. On a mirrored LUN it becomes a punch-hole zero, so both copies read the same (mirror-layer.ts). */
+  trim(pos: number, len: number, fua: boolean): Promise<void> { return this.stats.trim(pos, len, fua); }
+  zero(pos: number, len: number, mayPunch: boolean, fastOnly: boolean, fua: boolean): Promise<void> {
+    return this.stats.zero(pos, len, mayPunch, fastOnly, fua);
   }
-
-  async write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
-    this.counters.writeOps++;
-    this.counters.writeBytes += buf.length;
-    if (this.mirror) return this.mirror.write(buf, pos, fua);
-    await this.backing.write(buf, pos);
-    if (fua) await this.backing.flush();
-  }
-
-  async flush(): Promise<void> {
-    this.counters.flushOps++;
-    if (this.mirror) return this.mirror.flush();
-    await this.backing.flush();
-  }
-
-  /** TRIM. On a mirrored LUN it becomes a punch-hole zero, so both copies read the same. */
-  async trim(pos: number, len: number, fua: boolean): Promise<void> {
-    this.counters.trimOps++;
-    if (this.mirror) return this.mirror.zero(pos, len, true, false, fua);
-    await this.backing.trim(pos, len);
-    if (fua) await this.backing.flush();
-  }
-
-  async zero(pos: number, len: number, opts: ZeroOptions): Promise<void> {
-    this.counters.zeroOps++;
-    if (this.mirror) return this.mirror.zero(pos, len, opts.mayPunch, opts.fastOnly, opts.fua);
-    await this.backing.zero(pos, len, opts.mayPunch, opts.fastOnly);
-    if (opts.fua) await this.backing.flush();
-  }
-
-  cache(pos: number, len: number): Promise<void> {
-    return this.backing.cache(pos, len);
-  }
-
-  extents(pos: number, len: number, max: number): Extent[] {
-    return this.backing.extents(pos, len, max);
-  }
+  cache(pos: number, len: number): Promise<void> { return this.stats.cache(pos, len); }
+  extents(pos: number, len: number, max: number): Extent[] { return this.stats.extents(pos, len, max); }
 
   async close(): Promise<void> {
     await this.backing.flush().catch(() => undefined);
     await this.backing.close();
-    await this.applied?.close().catch(() => undefined);
+    await this.secondary?.close().catch(() => undefined);
   }
 }

@@ -184,11 +184,7 @@ export class Transmission implements FrameSink {
         case CMD.FLUSH: await lun.flush(); break;
         case CMD.TRIM: await lun.trim(req.offset, req.length, fua); break;
         case CMD.WRITE_ZEROES:
-          await lun.zero(req.offset, req.length, {
-            mayPunch: (req.flags & CMD_FLAG.NO_HOLE) === 0,
-            fastOnly: (req.flags & CMD_FLAG.FAST_ZERO) !== 0,
-            fua,
-          });
+          await lun.zero(req.offset, req.length, (req.flags & CMD_FLAG.NO_HOLE) === 0, (req.flags & CMD_FLAG.FAST_ZERO) !== 0, fua);
           break;
         case CMD.CACHE: await lun.cache(req.offset, req.length); break;
         case CMD.BLOCK_STATUS: return this.blockStatus(req);
@@ -204,7 +200,7 @@ export class Transmission implements FrameSink {
     const structured = this.session.structured;
     const headerSize = structured ? STRUCTURED_HEADER_SIZE + 8 : SIMPLE_REPLY_SIZE;
     if (structured && req.length >= SPARSE_READ_MIN && !(req.flags & CMD_FLAG.DF)
-        && !this.lun.backing.isBlockDevice) {
+        && this.lun.sparse) {
       const extents = this.lun.extents(req.offset, req.length, 64);
       if (extents.length > 1 || extents[0]?.hole) return this.sparseRead(req, extents);
     }
@@ -235,7 +231,7 @@ export class Transmission implements FrameSink {
         chunks.push(c);
       } else {
         const c = Buffer.allocUnsafe(STRUCTURED_HEADER_SIZE + 8 + e.length);
-        await this.lun.backing.read(c.subarray(STRUCTURED_HEADER_SIZE + 8), pos);
+        await this.lun.readPiece(c.subarray(STRUCTURED_HEADER_SIZE + 8), pos);
         writeStructuredHeader(c, 0, 0, REPLY_TYPE.OFFSET_DATA, req, 8 + e.length);
         writeU64(c, STRUCTURED_HEADER_SIZE, pos);
         chunks.push(c);
@@ -297,7 +293,7 @@ export class Transmission implements FrameSink {
     }
     this.inflight--;
     this.inflightBytes -= req.length;
-    this.lun.latency?.(req.type, (performance.now() - req.start) / 1000);
+    this.lun.stats.latency?.(req.type, (performance.now() - req.start) / 1000);
     this.maybeResume();
     if (this.inflight === 0 && this.idleWaiters.length) {
       const waiters = this.idleWaiters;

@@ -2,6 +2,7 @@
 // brain, verify. Each checks what it may do first, then changes the LUN's role and metadata.
 import { ActionError, type PromoteOptions, type RoleChange, type VerifyReport } from '../admin/actions.js';
 import type { Lun } from '../lun/lun.js';
+import { PrimaryRole, SecondaryRole } from '../lun/roles.js';
 import { newGeneration, NO_GENERATION, type LunMeta } from '../persist/lun-meta.js';
 import type { SiteLuns, SiteParts } from './site-luns.js';
 
@@ -19,12 +20,13 @@ export class Failover {
   async promote(name: string, opts: PromoteOptions): Promise<RoleChange> {
     const { lun, meta } = this.target(name);
     const { receiver, sender, nbd, config, log } = this.site;
-    if (lun.spec.role === 'primary') throw new ActionError(`LUN ${name} is already primary here`);
+    if (lun.role === 'primary') throw new ActionError(`LUN ${name} is already primary here`);
     if (meta.neverSynced && !opts.neverSynced) {
       throw new ActionError(`LUN ${name} here never completed an initial sync: its data is no state of the primary ` +
         '(--force-never-synced promotes it anyway, and its status keeps saying so)');
     }
-    const feeder = receiver!.stateOf(name).feeder;
+    const secondary = lun.secondary;
+    const feeder = secondary?.feeder ?? null;
     if (feeder && !opts.force) {
       throw new ActionError(`site ${feeder} is connected and primary for ${name}: demote it there first (or --force if it must be cut off)`);
     }
@@ -33,38 +35,35 @@ export class Failover {
       receiver!.requestReoffer(`LUN ${name} promoted`, name);
       notes.push(`the connected primary (site ${feeder}) no longer feeds this LUN`);
     }
-    if (meta.neverSynced) {
-      // Nothing to roll back to: an undo log of a never-synced copy holds no state of the primary either.
-      await meta.update({ consistent: true, promotedNeverSynced: Date.now() });
+    // The secondary rolls an interrupted resync back and lets go of what only it needed.
+    const took = secondary ? await secondary.leave() : { neverSynced: meta.neverSynced, rolledBack: null };
+    if (took.neverSynced) {
       notes.push('this copy never completed an initial sync: its data is NOT a state of the old primary');
       log.error('promote of a copy that never completed an initial sync: its data is not a state of the old primary', { lun: name });
-    } else if (!meta.data.consistent) {
-      const regions = lun.undo ? await lun.undo.rollback(lun.backing) : 0;
-      await meta.update({ consistent: true });
+    } else if (took.rolledBack !== null) {
+      const regions = took.rolledBack;
       notes.push(`rolled back an interrupted resync (${regions} regions) to the last consistent state`);
       log.warn('promote: rolled back an interrupted resync', { lun: name, regions });
     }
-    await lun.undo?.discard();
-    lun.applied?.clear();
     const base = meta.current;
     await meta.rotate();
     await meta.update({
       role: 'primary', peerBase: base === NO_GENERATION ? '' : base, syncCompare: false, localChanges: false, discardPeer: false, copyId: newGeneration(),
     });
     const configured = config.luns.find((l) => l.name === name);
-    lun.spec.role = 'primary';
-    lun.spec.mirror = configured?.role === 'primary' && configured.mirror !== 'none' ? configured.mirror : 'sync';
+    lun.become(new PrimaryRole(configured?.role === 'primary' && configured.mirror !== 'none' ? configured.mirror : 'sync'));
+    await secondary?.close();
     await this.lunsOf.attachMirror(lun, true);
     nbd.dropLun(name);   // hosts attached read-only reattach read-write
     sender!.resession(`LUN ${name} promoted`);
-    log.warn('LUN promoted to primary', { lun: name, generation: meta.current, mirror: lun.spec.mirror, forced: opts.force });
+    log.warn('LUN promoted to primary', { lun: name, generation: meta.current, mirror: lun.mode, forced: opts.force });
     return { lun: name, role: 'primary', notes };
   }
 
   async demote(name: string): Promise<RoleChange> {
     const { lun, meta } = this.target(name);
     const { receiver, sender, nbd, config, files, log } = this.site;
-    if (lun.spec.role === 'secondary') throw new ActionError(`LUN ${name} is already secondary here`);
+    if (lun.role === 'secondary') throw new ActionError(`LUN ${name} is already secondary here`);
     const notes: string[] = [];
     nbd.dropLun(name);
     let unsent = false;
@@ -80,9 +79,9 @@ export class Failover {
     await meta.update({
       role: 'secondary', localChanges: unsent || meta.data.localChanges, consistent: true, syncCompare: false, discardPeer: false, copyId: newGeneration(),
     });
-    lun.spec.role = 'secondary';
-    lun.spec.mirror = 'none';
-    await this.lunsOf.openUndo(lun);
+    // Read-only for hosts at once; fed only once its undo log and applied point are open.
+    lun.become(new SecondaryRole());
+    lun.become(new SecondaryRole(await this.lunsOf.openSecondary(lun)));
     sender!.resession(`LUN ${name} demoted`);
     receiver!.requestReoffer(`LUN ${name} demoted`);
     log.warn('LUN demoted to secondary', { lun: name, unsentChanges: unsent });
@@ -95,19 +94,19 @@ export class Failover {
     if (!meta.data.splitBrain && lun.mirror?.state !== 'split-brain') throw new ActionError(`no split brain recorded for LUN ${name} here`);
     const notes: string[] = [];
     if (discard === 'local') {
-      if (lun.spec.role === 'primary') notes.push(...(await this.demote(name)).notes);
+      if (lun.role === 'primary') notes.push(...(await this.demote(name)).notes);
       // A copy with no generation: the peer's next offer is taken whole (compared region by region).
       await meta.update({ splitBrain: null, current: NO_GENERATION, history: [], localChanges: false, consistent: true });
       receiver!.requestReoffer(`split brain of ${name} resolved: this copy is discarded`);
       notes.push('this site\'s changes are discarded: the peer\'s copy overwrites this one');
     } else {
-      if (lun.spec.role !== 'primary') throw new ActionError(`LUN ${name} is secondary here: promote it first to keep this site's copy`);
+      if (lun.role !== 'primary') throw new ActionError(`LUN ${name} is secondary here: promote it first to keep this site's copy`);
       await meta.update({ splitBrain: null, discardPeer: true });
       sender!.resession(`split brain of ${name} resolved: the peer's copy is discarded`);
       notes.push('the peer\'s changes are discarded: this copy overwrites it (its LUN is demoted there if it is primary)');
     }
     log.warn('split brain resolved', { lun: name, discard });
-    return { lun: name, role: lun.spec.role, notes };
+    return { lun: name, role: lun.role, notes };
   }
 
   async verify(name: string, opts: { repair: boolean }): Promise<VerifyReport> {

@@ -1,11 +1,14 @@
-// Opening, re-rolling and closing a site's LUNs: each LUN gets what its role needs (mirror,
-// metadata, undo log, applied point) before hosts may see it.
+// Opening, re-rolling and closing a site's LUNs: each LUN gets its role object (a primary's
+// mirror, a secondary's SecondaryLun with its undo log and applied point) before hosts see it.
 import type { LunConfig, SiteConfig } from '../config/schema.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../admin/metrics.js';
 import { Lun } from '../lun/lun.js';
+import { PrimaryRole, SecondaryRole } from '../lun/roles.js';
 import type { LunRegistry } from '../lun/registry.js';
+import type { LunMirror } from '../mirror/primary/lun-mirror.js';
 import type { MirrorReceiver } from '../mirror/secondary/receiver.js';
+import { SecondaryLun } from '../mirror/secondary/secondary-lun.js';
 import type { MirrorSender } from '../mirror/sender.js';
 import type { NbdServer } from '../nbd/server.js';
 import { AppliedPoint } from '../persist/applied-point.js';
@@ -51,18 +54,17 @@ export class SiteLuns {
       throw err;
     }
     const mirror = role === 'secondary' ? 'none' : lc.role === 'primary' ? lc.mirror : 'sync';
-    const lun = new Lun({ ...lc, role, mirror }, backing);
-    lun.meta = meta;
+    const lun = new Lun({ ...lc, role, mirror }, backing, meta);
     // Exported only once everything it needs is open: a LUN that cannot mirror is not served at all.
     try {
       if (role === 'primary' && mirror !== 'none' && this.site.sender) await this.attachMirror(lun);
-      if (role === 'secondary' && meta) await this.openUndo(lun);
+      if (role === 'secondary' && meta) lun.become(new SecondaryRole(await this.openSecondary(lun)));
     } catch (err) {
       await backing.close().catch(() => undefined);
       throw err;
     }
     this.site.luns.add(lun);
-    this.site.metrics.instrument(lun);
+    this.site.metrics.instrument(lun.stats);
     log.info('LUN opened', {
       lun: lc.name, path: lc.path, size: backing.size, role, mirror,
       blockDevice: backing.isBlockDevice, readOnly: lun.readOnly, generation: meta?.current,
@@ -74,27 +76,35 @@ export class SiteLuns {
       log.warn('secondary never completed an initial sync: it is no state of the primary until one completes', { lun: lc.name });
     } else if (meta && role === 'secondary' && !meta.data.consistent) {
       log.warn('secondary is inconsistent (a resync was interrupted): the primary completes it on reconnect, or promote rolls it back', {
-        lun: lc.name, undoRegions: lun.undo?.saved,
+        lun: lc.name, undoRegions: lun.secondary?.undoRegions,
       });
     }
   }
 
-  /** A secondary's undo log and applied point. */
-  async openUndo(lun: Lun): Promise<void> {
+  /** A secondary's side of a LUN of a mirrored site, with its undo log and applied point opened. */
+  async openSecondary(lun: Lun): Promise<SecondaryLun> {
     const { files, log } = this.site;
-    lun.undo ??= await UndoLog.open(files.undo(lun.name), lun.name, lun.size);
-    lun.applied ??= await AppliedPoint.open(files.applied(lun.name), (reason) => {
-      log.warn('the secondary\'s applied point is damaged; the primary\'s offer decides where it resumes', { lun: lun.name, reason });
-    });
+    const undo = await UndoLog.open(files.undo(lun.name), lun.name, lun.size);
+    let applied: AppliedPoint;
+    try {
+      applied = await AppliedPoint.open(files.applied(lun.name), (reason) => {
+        log.warn('the secondary\'s applied point is damaged; the primary\'s offer decides where it resumes', { lun: lun.name, reason });
+      });
+    } catch (err) {
+      await undo.close().catch(() => undefined);
+      throw err;
+    }
+    return new SecondaryLun(lun.name, lun.backing, lun.meta!, undo, applied, log);
   }
 
-  /** Open (and recover) a mirrored LUN's journal and bitmap, and give it its mirror. */
+  /** Open (and recover) a mirrored primary's journal and bitmap, and give it its mirror. */
   async attachMirror(lun: Lun, fresh = false): Promise<void> {
-    if (lun.spec.mirror === 'none') return;
+    const mode = lun.mode;
+    if (lun.role !== 'primary' || mode === 'none') return;
     // A promoted LUN starts a new line of history: what an earlier primary life left is void.
     const store = await this.site.stores.open(lun, fresh);
-    const mirror = this.site.sender!.attach({ name: lun.name, mode: lun.spec.mirror, backing: lun.backing, meta: lun.meta! }, store);
-    lun.mirror = mirror;
+    const mirror = this.site.sender!.attach({ name: lun.name, mode, backing: lun.backing, meta: lun.meta! }, store);
+    lun.become(new PrimaryRole(mode, mirror));
     mirror.recover();
   }
 
@@ -102,13 +112,13 @@ export class SiteLuns {
    * Stop mirroring a LUN (demote, removal): in-flight requests get up to the shutdown timeout.
    * Returns the mirror it had, for the caller to look at what it left unsent.
    */
-  async detachMirror(lun: Lun): Promise<NonNullable<Lun['mirror']> | null> {
+  async detachMirror(lun: Lun): Promise<LunMirror | null> {
     const m = lun.mirror;
     if (!m) return null;
     await m.drain(this.site.config.shutdownTimeoutMs);
     this.site.sender?.detach(m);
     await this.site.stores.close(m.storeRef);
-    lun.mirror = null;
+    lun.become(new PrimaryRole(lun.mode));
     return m;
   }
 
@@ -129,7 +139,7 @@ export class SiteLuns {
       }
       await this.detachMirror(lun);
     }
-    if (lun.spec.role === 'secondary') receiver?.requestReoffer(`secondary LUN ${name} removed`, name);
+    if (lun.role === 'secondary') receiver?.requestReoffer(`secondary LUN ${name} removed`, name);
     await lun.close();
     log.info('LUN removed', { lun: name });
   }

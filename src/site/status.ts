@@ -9,6 +9,7 @@ import type { Lun } from '../lun/lun.js';
 import type { LunRegistry } from '../lun/registry.js';
 import { catchup, protectionOf, protectionReason } from '../mirror/primary/protection.js';
 import type { MirrorReceiver } from '../mirror/secondary/receiver.js';
+import type { SecondaryStatus } from '../mirror/secondary/secondary-lun.js';
 import type { MirrorSender } from '../mirror/sender.js';
 import type { NbdServer } from '../nbd/server.js';
 import type { MirrorTransport } from '../security/mirror-tls.js';
@@ -63,10 +64,15 @@ export function siteStatus(src: StatusSources): SiteStatus {
   };
 }
 
+/** A secondary with no secondary side (a site without a mirror section cannot feed one). */
+const UNFED: SecondaryStatus = {
+  state: 'secondary-waiting', peer: null, appliedSeq: 0, applied: { ops: 0, bytes: 0, flushes: 0, errors: 0 }, pairing: null, undoRegions: 0,
+};
+
 function generationOf(lun: Lun): GenerationStatus | undefined {
   const meta = lun.meta?.data;
   if (!meta) return undefined;
-  const neverSynced = lun.spec.role === 'secondary' && !!lun.meta?.neverSynced;
+  const neverSynced = lun.role === 'secondary' && !!lun.meta?.neverSynced;
   return {
     current: meta.current, history: meta.history.slice(0, 4), consistent: neverSynced ? false : meta.consistent, localChanges: meta.localChanges,
     splitBrain: meta.splitBrain, peerBase: meta.peerBase || null, neverSynced,
@@ -77,23 +83,10 @@ function generationOf(lun: Lun): GenerationStatus | undefined {
 
 function lunStatus(src: StatusSources, lun: Lun): LunStatus {
   const base = {
-    name: lun.name, path: lun.backing.path, size: lun.size, role: lun.spec.role, mode: lun.spec.mirror as string,
+    name: lun.name, path: lun.backing.path, size: lun.size, role: lun.role, mode: lun.mode as string,
     readOnly: lun.readOnly, hosts: src.nbd.connectionCount(lun.name), counters: lun.counters, generation: generationOf(lun),
   };
-  const lm = lun.meta;
-  if (lun.spec.role === 'secondary') {
-    const s = src.receiver!.stateOf(lun.name);
-    const neverSynced = !!lm?.neverSynced;
-    const state = lm?.data.splitBrain ? 'split-brain'
-      : lm && !lm.consistent ? (s.feeder ? 'secondary-syncing' : 'secondary-inconsistent')
-      : s.feeder ? 'secondary-uptodate' : 'secondary-waiting';
-    const reason = neverSynced ? 'never synced: no initial sync has completed, so this copy is no state of the primary'
-      : lm && !lm.consistent ? 'an interrupted resync: promote rolls back to the last consistent state' : undefined;
-    return {
-      ...base, mode: 'secondary', state, ...(reason ? { reason } : {}), peer: s.feeder, appliedSeq: s.order.appliedPrefix, applied: s.applied,
-      pairing: s.pairing, undoRegions: lun.undo?.saved ?? 0,
-    };
-  }
+  if (lun.role === 'secondary') return { ...base, mode: 'secondary', ...(lun.secondary?.status() ?? UNFED) };
   const m = lun.mirror;
   if (!m) return { ...base, state: 'standalone' };
   const journal = m.journalStatus();

@@ -22,6 +22,8 @@ import { UndoLog } from '../../src/persist/undo-log.js';
 import { Lun } from '../../src/lun/lun.js';
 import { LunMeta, NO_GENERATION } from '../../src/persist/lun-meta.js';
 import { LunRegistry } from '../../src/lun/registry.js';
+import { SecondaryRole } from '../../src/lun/roles.js';
+import { SecondaryLun } from '../../src/mirror/secondary/secondary-lun.js';
 import { MirrorReceiver } from '../../src/mirror/secondary/receiver.js';
 import {
   decodeGeneration, decodeHello, encodeGeneration, encodeHello, HELLO_ANSWER, HELLO_OFFER, MAX_HELLO_LENGTH, MAX_HISTORY,
@@ -192,11 +194,12 @@ describe('fuzz: mirror receiver', function () {
     for (let i = 0; i < LUN_SIZE; i++) init[i] = (i * 7) & 0xff;
     fs.writeFileSync(file, init);
     const registry = new LunRegistry();
-    lun = new Lun({ name: LUN_NAME, path: file, role: 'secondary', mirror: 'none', readOnly: false, description: '' },
-      await Backing.open(file, false));
-    lun.meta = await LunMeta.open(path.join(dir, `${LUN_NAME}.meta`), LUN_NAME, LUN_SIZE, 'secondary');
-    lun.undo = await UndoLog.open(path.join(dir, `${LUN_NAME}.undo`), LUN_NAME, LUN_SIZE);
-    expect(lun.meta.current, 'a new secondary has no generation').to.equal(NO_GENERATION);
+    const backing = await Backing.open(file, false);
+    const meta = await LunMeta.open(path.join(dir, `${LUN_NAME}.meta`), LUN_NAME, LUN_SIZE, 'secondary');
+    lun = new Lun({ name: LUN_NAME, path: file, role: 'secondary', mirror: 'none', readOnly: false, description: '' }, backing, meta);
+    const undo = await UndoLog.open(path.join(dir, `${LUN_NAME}.undo`), LUN_NAME, LUN_SIZE);
+    lun.become(new SecondaryRole(new SecondaryLun(LUN_NAME, backing, meta, undo, null, silentLogger())));
+    expect(lun.meta!.current, 'a new secondary has no generation').to.equal(NO_GENERATION);
     registry.add(lun);
     receiver = new MirrorReceiver(registry, { site: 'b', peerSite: '', idleCheckMs: 1000, peerAlive: () => true }, silentLogger());
     port = (await receiver.listen('127.0.0.1', 0)).port;
@@ -205,8 +208,7 @@ describe('fuzz: mirror receiver', function () {
   after(async function () {
     guard.disarm();
     await receiver?.close();
-    await lun?.undo?.close();
-    await lun?.close();
+    await lun?.close();   // (closes the secondary's undo log too)
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
@@ -251,7 +253,7 @@ describe('fuzz: mirror receiver', function () {
   }
 
   async function connectionsDrained(): Promise<void> {
-    const state = receiver.secondaries.get(LUN_NAME);
+    const state = lun.secondary;
     const deadline = Date.now() + SETTLE_MS;
     while (state && state.connections !== 0) {
       if (Date.now() > deadline) throw new Error(`LEAK: ${state.connections} connection(s) still counted on the LUN after the close`);
@@ -383,7 +385,7 @@ describe('fuzz: mirror receiver', function () {
             return true;   // a bad reply: the checks below report it
           }
         };
-        const waitingBefore = receiver.secondaries.get(LUN_NAME)?.order.waiting ?? 0;
+        const waitingBefore = lun.secondary?.order.waiting ?? 0;
         const out = await exchange(Buffer.concat([hello, stream]), input.cuts, complete);
         await sleep(0);
         guard.check();
@@ -450,7 +452,7 @@ describe('fuzz: mirror receiver', function () {
         // Requests that waited for a dep must not outlive their connection (they hold their payload).
         // (Compared with the count before this input: a shrink that reuses the instance of an
         // earlier input would otherwise also see that input's leftovers.)
-        const state = receiver.secondaries.get(LUN_NAME);
+        const state = lun.secondary;
         if (state && !TOLERATE_KNOWN) {   // (known bug, regressions.test.ts)
           const deadline = Date.now() + 200;
           while (state.order.waiting > waitingBefore && Date.now() < deadline) await sleep(5);

@@ -9,6 +9,8 @@ import { UndoLog } from '../../src/persist/undo-log.js';
 import { Lun } from '../../src/lun/lun.js';
 import { LunMeta } from '../../src/persist/lun-meta.js';
 import { LunRegistry } from '../../src/lun/registry.js';
+import { SecondaryRole } from '../../src/lun/roles.js';
+import { SecondaryLun } from '../../src/mirror/secondary/secondary-lun.js';
 import { MirrorReceiver } from '../../src/mirror/secondary/receiver.js';
 import { decodeHello, encodeHello, HELLO_OFFER, MIRROR_OP, OFFER_FLAG, PAIR, writeRequestHeader } from '../../src/mirror/wire.js';
 import { IHAVEOPT, NBDMAGIC, OPT } from '../../src/nbd/constants.js';
@@ -22,13 +24,14 @@ async function tempLun(name: string, size: number, role: 'primary' | 'secondary'
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-fuzz-reg-'));
   const file = path.join(dir, `${name}.img`);
   fs.writeFileSync(file, Buffer.alloc(size));
-  const lun = new Lun({ name, path: file, role, mirror: 'none', readOnly: false, description: '' }, await Backing.open(file, false));
-  lun.meta = await LunMeta.open(path.join(dir, `${name}.meta`), name, size, role);
-  if (role === 'secondary') lun.undo = await UndoLog.open(path.join(dir, `${name}.undo`), name, size);
-  const close = async () => {
-    await lun.undo?.close();
-    await lun.close();
-  };
+  const backing = await Backing.open(file, false);
+  const meta = await LunMeta.open(path.join(dir, `${name}.meta`), name, size, role);
+  const lun = new Lun({ name, path: file, role, mirror: 'none', readOnly: false, description: '' }, backing, meta);
+  if (role === 'secondary') {
+    const undo = await UndoLog.open(path.join(dir, `${name}.undo`), name, size);
+    lun.become(new SecondaryRole(new SecondaryLun(name, backing, meta, undo, null, silentLogger())));
+  }
+  const close = () => lun.close();   // (closes the secondary's undo log too)
   return { lun, file, dir, close };
 }
 
@@ -119,7 +122,7 @@ describe('fuzz regressions', function () {
         s.destroy();
         await closed;
       }
-      const state = receiver.secondaries.get('mirr')!;
+      const state = lun.secondary!;
       const deadline = Date.now() + 1000;
       while (state.connections !== 0 && Date.now() < deadline) await sleep(5);
       expect(state.connections).to.equal(0);
@@ -173,7 +176,7 @@ describe('fuzz regressions', function () {
         // (The client sees its close before the pairing is done: check once it is.)
         await updating;
         await sleep(50);
-        const state = receiver.secondaries.get('mirr');
+        const state = lun.secondary;
         const deadline = Date.now() + 1000;
         while (state && state.connections !== 0 && Date.now() < deadline) await sleep(5);
         expect({ connections: state?.connections ?? 0, feeder: state?.feeder ?? null }, `after the close (flags ${flags})`)

@@ -1,48 +1,46 @@
-// The mirror listener (the peer's pool connects here) and its per-connection handlers, which
-// apply requests to this site's secondary LUNs in the order the primary fixed.
+// The mirror listener (the peer's pool connects here) and its per-connection handlers: they
+// frame requests, order them by dep and dispatch each through the op table below to the
+// secondary LUN it is for (secondary-lun.ts applies it).
 import type { AddressInfo } from 'node:net';
 import net from 'node:net';
 import { listenOn } from '../../net/listen.js';
 import type { Logger } from '../../log.js';
-import type { Lun } from '../../lun/lun.js';
-import type { LunRegistry } from '../../lun/registry.js';
+import type { LunMeta } from '../../persist/lun-meta.js';
 import { nbdErrno } from '../../storage/errno.js';
 import { FrameParser, STOP, type FrameSink } from '../../net/frame-parser.js';
 import { SocketReader } from '../../net/socket-reader.js';
 import { CorkedWriter } from '../../net/corked-writer.js';
 import type { MirrorTransport } from '../../security/mirror-tls.js';
-import { hashRange } from '../../storage/hash.js';
-import { ApplyOrder } from './apply-order.js';
 import { decidePairing } from '../pairing.js';
 import {
-  CONTROL, CONTROL_REQID, decodeGeneration, ESTALE, decodeHello, encodeHello, HELLO_ANSWER, HELLO_OFFER, MAX_HASH_LENGTH, MAX_HELLO_LENGTH,
-  MAX_MIRROR_PAYLOAD, MAX_SET_GEN_PAYLOAD, MIRROR_FLAG, MIRROR_OP, OFFER_FLAG, PAIR, PAIR_REASON, readRequestHeader, REPLY_DATA_MAGIC,
+  CONTROL, CONTROL_REQID, ESTALE, decodeHello, encodeHello, HELLO_ANSWER, HELLO_OFFER, MAX_HASH_LENGTH, MAX_HELLO_LENGTH,
+  MAX_MIRROR_PAYLOAD, MAX_SET_GEN_PAYLOAD, MIRROR_OP, OFFER_FLAG, PAIR, PAIR_REASON, readRequestHeader, REPLY_DATA_MAGIC,
   REPLY_DATA_SIZE, REPLY_MAGIC, REPLY_SIZE, REQUEST_HEADER_SIZE, SYNC, writeReply, type LunAnswer, type LunOffer,
   type MirrorRequestHeader,
 } from '../wire.js';
+import type { SecondaryLun } from './secondary-lun.js';
 
 const EINVAL = 22;
 /** A healthy sender keeps at most its async window (+ replay window) in flight; far beyond is abuse. */
 const MAX_WAITING_BYTES = 512 * 1024 * 1024;   // a request of a primary run that has been superseded
 
-/** Per secondary LUN: who feeds it and in what order. Survives reconnections. */
-export interface SecondaryState {
-  order: ApplyOrder;
-  feeder: string | null;
-  connections: number;
-  applied: { ops: number; bytes: number; flushes: number; errors: number };
-  /** The write that makes this copy inconsistent is persisting that fact (see apply). */
-  losingConsistency: Promise<void> | null;
-  /** How the last pairing catches up, and why. */
-  pairing: { sync: 'incremental' | 'full'; reason: string } | null;
-  /**
-   * Restored after a reboot that may have lost answered requests above this point (it was not
-   * flushed beyond it): pairings answer it, not the skip-ahead, until the primary sends again.
-   */
-  lostAbove: number | null;
+/** A LUN of this site as the receiver sees it (the site's LUN registry gives these). */
+export interface ReceiverLun {
+  readonly name: string;
+  readonly size: number;
+  readonly role: 'primary' | 'secondary';
+  readonly meta: LunMeta | null;
+  /** Its secondary side; null while it is primary. */
+  readonly secondary: SecondaryLun | null;
 }
 
-interface Target { lun: Lun; state: SecondaryState; size: number }
+/** Exact lookup by name: what the mirror pairs by. */
+export interface ReceiverLuns {
+  get(name: string): ReceiverLun | undefined;
+}
+
+/** A paired LUN of one connection: the secondary it feeds, at the size the primary offered. */
+interface Target { name: string; lun: SecondaryLun; size: number }
 
 export interface ReceiverOptions {
   site: string;
@@ -62,11 +60,10 @@ export class MirrorReceiver {
   private readonly server: net.Server;
   private readonly sockets = new Set<net.Socket>();
   private readonly handlers = new Set<ReceiverConnection>();
-  readonly secondaries = new Map<string, SecondaryState>();
   /** The pairing last logged per LUN (feeder, sync, reason): "paired" is logged when it changes. */
   private readonly loggedPairing = new Map<string, string>();
 
-  constructor(private readonly luns: LunRegistry, private readonly opts: ReceiverOptions, private readonly log: Logger) {
+  constructor(private readonly luns: ReceiverLuns, private readonly opts: ReceiverOptions, private readonly log: Logger) {
     this.server = opts.transport
       ? opts.transport.createServer((s) => void this.accept(s))
       : net.createServer({ noDelay: true }, (s) => void this.accept(s));
@@ -74,27 +71,6 @@ export class MirrorReceiver {
 
   listen(host: string, port: number): Promise<AddressInfo> {
     return listenOn(this.server, host, port);
-  }
-
-  stateOf(lun: string): SecondaryState {
-    let s = this.secondaries.get(lun);
-    if (!s) {
-      s = {
-        order: new ApplyOrder(), feeder: null, connections: 0, applied: { ops: 0, bytes: 0, flushes: 0, errors: 0 },
-        losingConsistency: null, pairing: null, lostAbove: null,
-      };
-      // A restarted secondary knows which run it followed and how far: it never applies that again.
-      const point = this.luns.get(lun)?.applied;
-      if (point?.instance) s.order.restore(point.instance, point.prefix);
-      if (point?.instance && point.lostAbove) {
-        s.lostAbove = point.prefix;
-        this.log.warn('restarted after a reboot: requests answered after the last flush may be lost; the primary resends them', {
-          lun, durableUpTo: point.prefix,
-        });
-      }
-      this.secondaries.set(lun, s);
-    }
-    return s;
   }
 
   private async accept(socket: net.Socket): Promise<void> {
@@ -117,7 +93,7 @@ export class MirrorReceiver {
       for (const o of hello.offers) answers.push(await this.pair(o, hello.site, targets));
       // Pairing may wait (metadata, a demote): a peer that left meanwhile feeds nothing.
       if (socket.destroyed) {
-        for (const t of targets.values()) if (t.state.connections === 0) t.state.feeder = null;
+        for (const t of targets.values()) t.lun.pairingAbandoned();
         reader.detach();
         return;
       }
@@ -136,15 +112,12 @@ export class MirrorReceiver {
       };
       socket.setTimeout(this.opts.idleCheckMs);
       socket.on('timeout', idleCheck);
-      for (const t of targets.values()) t.state.connections++;
+      for (const t of targets.values()) t.lun.connectionOpened();
       this.handlers.add(handler);
       socket.on('close', () => {
         this.handlers.delete(handler);
         handler.closed();
-        for (const t of targets.values()) {
-          t.state.connections--;
-          if (t.state.connections === 0) t.state.feeder = null;
-        }
+        for (const t of targets.values()) t.lun.connectionClosed();
       });
       handler.start(reader.detach());
     } catch (err) {
@@ -167,8 +140,8 @@ export class MirrorReceiver {
     if (!lun) return refuse(PAIR.MISSING);
     if (lun.size < offer.size) return refuse(PAIR.SMALLER);
     const meta = lun.meta;
-    if (!meta) return refuse(lun.spec.role === 'secondary' ? PAIR.MISSING : PAIR.NOT_SECONDARY);
-    const verdict = decidePairing(offer, meta.data, lun.spec.role);
+    if (!meta) return refuse(lun.role === 'secondary' ? PAIR.MISSING : PAIR.NOT_SECONDARY);
+    const verdict = decidePairing(offer, meta.data, lun.role);
     if (verdict.status === PAIR.SPLIT_BRAIN && !meta.data.splitBrain) {
       this.log.error('split brain: both sites wrote this LUN as primary while apart; it stays disconnected until resolved', {
         lun: lun.name, current: meta.current, peerCurrent: offer.lineage.current,
@@ -176,11 +149,11 @@ export class MirrorReceiver {
       await meta.update({ splitBrain: { detectedMs: Date.now(), peerCurrent: offer.lineage.current } });
     }
     if (verdict.status !== PAIR.OK) return refuse(verdict.status, verdict.reason);
-    const state = this.stateOf(lun.name);
-    if (state.feeder && state.feeder !== site) return refuse(PAIR.DUPLICATE);
+    const fed = lun.secondary?.feeder;
+    if (fed && fed !== site) return refuse(PAIR.DUPLICATE);
     if (offer.flags & OFFER_FLAG.FORCE) {
       this.log.warn('the peer resolved a split brain by discarding this site\'s copy: it is overwritten', { lun: lun.name, from: site });
-      if (lun.spec.role === 'primary') {
+      if (lun.role === 'primary') {
         if (!this.opts.demoteForPeer) return refuse(PAIR.NOT_SECONDARY);
         await this.opts.demoteForPeer(lun.name);
       }
@@ -188,21 +161,18 @@ export class MirrorReceiver {
       // pairing must compare it whole (the peer keeps forcing until then).
       await meta.update({ splitBrain: null, localChanges: true });
     }
+    // (After a demote for the peer: the secondary it became.)
+    const secondary = lun.secondary;
+    if (!secondary) return refuse(PAIR.MISSING);
     const sync = verdict.sync === SYNC.FULL ? 'full' : 'incremental';
     // Each connection of the peer's pool pairs the LUN again: log only a change of the pairing.
     const key = `${site}\0${sync}\0${verdict.reason}`;
     const changed = this.loggedPairing.get(lun.name) !== key;
     this.loggedPairing.set(lun.name, key);
-    state.feeder = site;
-    // The run we followed before a reboot that lost answered requests: say how far we really got.
-    const lost = state.lostAbove !== null && state.order.instance?.equals(offer.instance) ? state.lostAbove : null;
-    state.order.resume(offer.instance, offer.nextSeq);
-    // (Not while the loss is untold: a restart must still see the point of the reboot.)
-    if (lost === null) lun.applied?.record(state.order.instance!, state.order.appliedPrefix);
-    state.pairing = { sync, reason: verdict.reason };
-    targets.set(offer.id, { lun, state, size: offer.size });
+    const applied = secondary.paired(site, offer.instance, offer.nextSeq, { sync, reason: verdict.reason });
+    targets.set(offer.id, { name: lun.name, lun: secondary, size: offer.size });
     if (changed) this.log.info('mirror LUN paired', { lun: lun.name, from: site, sync, reason: verdict.reason });
-    return answer(PAIR.OK, verdict.sync, Math.max(0, lost ?? state.order.appliedPrefix));
+    return answer(PAIR.OK, verdict.sync, applied);
   }
 
   /**
@@ -224,13 +194,55 @@ export class MirrorReceiver {
   }
 }
 
-/** One pool connection from the peer: parse, validate, order, apply, answer. */
+// ---- the op table ---------------------------------------------------------------------------------
+
+/** One MIRROR_OP: what follows its header, which headers are well-formed, and what it does. */
+interface OpHandler {
+  /** Payload bytes after the header, or why the header breaks the protocol (the connection closes). */
+  payload(h: MirrorRequestHeader): number | string;
+  /** A request the peer may send for this LUN (otherwise EINVAL). */
+  valid(h: MirrorRequestHeader, t: Target): boolean;
+  run(c: ReceiverConnection, h: MirrorRequestHeader, payload: Buffer | null, t: Target): Promise<void>;
+}
+
+const none = (): number => 0;
+/** WRITE, WRITE_ZEROES, TRIM: numbered, ordered by dep, within the size the primary offered. */
+const ordered = (h: MirrorRequestHeader, t: Target): boolean => h.seq > 0 && h.length > 0 && h.offset + h.length <= t.size;
+const applyOrdered: OpHandler['run'] = (c, h, payload, t) => c.applyOrdered(h, payload, t);
+
+const HANDLERS: ReadonlyMap<number, OpHandler> = new Map<number, OpHandler>([
+  [MIRROR_OP.WRITE, {
+    payload: (h) => (h.length > MAX_MIRROR_PAYLOAD ? `mirror write of ${h.length} bytes` : h.length), valid: ordered, run: applyOrdered,
+  }],
+  [MIRROR_OP.WRITE_ZEROES, { payload: none, valid: ordered, run: applyOrdered }],
+  [MIRROR_OP.TRIM, { payload: none, valid: ordered, run: applyOrdered }],
+  [MIRROR_OP.FLUSH, {
+    payload: none, valid: () => true,
+    run: async (c, h, _p, t) => { await t.lun.flush(); c.answer(h.reqId, 0); },
+  }],
+  [MIRROR_OP.HASH, {
+    payload: none,
+    valid: (h, t) => h.seq === 0 && h.length > 0 && h.length <= MAX_HASH_LENGTH && h.offset + h.length <= t.lun.size,
+    run: async (c, h, _p, t) => { if (await c.after(h, t)) c.answer(h.reqId, 0, await t.lun.hash(h.offset, h.length)); },
+  }],
+  [MIRROR_OP.SET_GEN, {
+    payload: (h) => (h.length > MAX_SET_GEN_PAYLOAD ? `SET_GEN of ${h.length} bytes` : h.length), valid: (h) => h.seq === 0,
+    run: async (c, h, payload, t) => { if (await c.after(h, t)) c.answer(h.reqId, await t.lun.adopt(payload)); },
+  }],
+]);
+for (const [name, op] of Object.entries(MIRROR_OP)) {
+  if (!HANDLERS.has(op)) throw new Error(`mirror op ${name} has no handler`);
+}
+
+/** One pool connection from the peer: parse, validate, order, dispatch, answer. */
 class ReceiverConnection implements FrameSink {
   private readonly parser = new FrameParser(REQUEST_HEADER_SIZE, this);
   private current: MirrorRequestHeader | null = null;
+  private op: OpHandler | undefined = undefined;
   /** Payload bytes of requests waiting for their dependencies (bounded: a peer cannot park memory here). */
   private waitingBytes = 0;
   private readonly out: CorkedWriter;
+  private readonly removed = new Map<number, string>();
 
   constructor(
     private readonly socket: net.Socket,
@@ -250,32 +262,31 @@ class ReceiverConnection implements FrameSink {
     const h = readRequestHeader(buf, at);
     if (!h) return this.violate('bad mirror request header');
     this.current = h;
-    if (h.type === MIRROR_OP.SET_GEN) {
-      if (h.length > MAX_SET_GEN_PAYLOAD) return this.violate(`SET_GEN of ${h.length} bytes`);
-      return h.length;
-    }
-    if (h.type !== MIRROR_OP.WRITE) return 0;
-    if (h.length > MAX_MIRROR_PAYLOAD) return this.violate(`mirror write of ${h.length} bytes`);
-    return h.length;
+    this.op = HANDLERS.get(h.type);
+    // An unknown op carries nothing; it is answered EINVAL.
+    const payload = this.op ? this.op.payload(h) : 0;
+    return typeof payload === 'string' ? this.violate(payload) : payload;
   }
 
   onFrame(payload: Buffer | null): void {
     const h = this.current!;
+    const op = this.op;
     this.current = null;
+    this.op = undefined;
     if (this.removed.has(h.lunId)) return this.answer(h.reqId, ESTALE);
     const target = this.targets.get(h.lunId);
-    if (!target || !this.valid(h, target)) {
-      if (target) target.state.applied.errors++;
+    if (!target || !op || !op.valid(h, target)) {
+      if (target) target.lun.applied.errors++;
       return this.answer(h.reqId, EINVAL);
     }
-    void this.apply(h, payload, target);
+    void this.apply(op, h, payload, target);
   }
 
   onDiscarded(): void { /* nothing is discarded on this wire */ }
 
   /** Stop applying requests for a LUN removed by a reload; they are answered ESTALE. */
   forget(lun: string): void {
-    for (const [id, t] of this.targets) if (t.lun.name === lun) this.removed.set(id, t.lun.name);
+    for (const [id, t] of this.targets) if (t.name === lun) this.removed.set(id, t.name);
     for (const id of this.removed.keys()) this.targets.delete(id);
   }
 
@@ -284,116 +295,62 @@ class ReceiverConnection implements FrameSink {
     this.answer(CONTROL_REQID, code);
   }
 
-  private readonly removed = new Map<number, string>();
-
   /** The connection closed: requests it has waiting are released unapplied (a resend comes with the next session). */
   closed(): void {
-    for (const t of this.targets.values()) t.state.order.drop(this);
+    for (const t of this.targets.values()) t.lun.order.drop(this);
   }
 
-  private valid(h: MirrorRequestHeader, t: Target): boolean {
-    if (h.type === MIRROR_OP.FLUSH) return true;
-    if (h.type === MIRROR_OP.SET_GEN) return h.seq === 0;
-    if (h.type === MIRROR_OP.HASH) return h.seq === 0 && h.length > 0 && h.length <= MAX_HASH_LENGTH && h.offset + h.length <= t.lun.size;
-    if (h.type !== MIRROR_OP.WRITE && h.type !== MIRROR_OP.WRITE_ZEROES && h.type !== MIRROR_OP.TRIM) return false;
-    return h.seq > 0 && h.length > 0 && h.offset + h.length <= t.size;
-  }
-
-  private async apply(h: MirrorRequestHeader, payload: Buffer | null, t: Target): Promise<void> {
-    const { order, applied } = t.state;
-    const backing = t.lun.backing;
-    // The primary sends again: it has had our answer with the lost point.
-    t.state.lostAbove = null;
+  private async apply(op: OpHandler, h: MirrorRequestHeader, payload: Buffer | null, t: Target): Promise<void> {
+    t.lun.primarySends();
     try {
-      if (h.type === MIRROR_OP.FLUSH) {
-        const instance = order.instance;
-        const prefix = order.appliedPrefix;   // everything up to here is in the page cache: the flush makes it stable
-        await backing.flush();
-        if (instance) await t.lun.applied?.flushed(instance, prefix);
-        applied.flushes++;
-        return this.answer(h.reqId, 0);
-      }
-      if (h.type === MIRROR_OP.HASH || h.type === MIRROR_OP.SET_GEN) {
-        const wait = order.ready(h.dep, this);
-        if (wait) await wait;
-        if (this.socket.destroyed) return;
-        if (h.type === MIRROR_OP.HASH) return this.answer(h.reqId, 0, await hashRange(backing, h.offset, h.length));
-        return this.answer(h.reqId, await this.adopt(t, payload));
-      }
-      if (order.isApplied(h.seq)) return this.answer(h.reqId, 0);
-      const epoch = order.epoch;
-      const wait = order.ready(h.dep, this);
-      if (wait) {
-        this.waitingBytes += h.length;
-        if (this.waitingBytes > MAX_WAITING_BYTES) {
-          this.violate(`more than ${MAX_WAITING_BYTES} bytes of requests waiting for their dependencies`);
-        }
-        await wait;
-        this.waitingBytes -= h.length;
-      }
-      // Its session is gone, or a new run of the primary took over while it waited: drop it unapplied.
-      if (this.socket.destroyed || order.epoch !== epoch) {
-        if (!this.socket.destroyed) this.answer(h.reqId, ESTALE);
-        return;
-      }
-      // A resend of a request still being applied waits for that one instead of applying twice.
-      const running = order.running(h.seq);
-      if (running) {
-        await running;
-        return this.answer(h.reqId, 0);
-      }
-      if (order.isApplied(h.seq)) return this.answer(h.reqId, 0);
-      // Record the applied point up to this request's dep before it lands (applied-point.ts):
-      // after a restart nothing at or below it is applied again.
-      const point = t.lun.applied;
-      if (point && h.dep > point.prefix) point.record(order.instance!, order.appliedPrefix);
-      await order.run(h.seq, async () => {
-        const meta = t.lun.meta;   // the common case (consistent, live write) costs no await
-        if (meta && ((h.flags & MIRROR_FLAG.RESYNC) || !meta.data.consistent || t.state.losingConsistency)) await this.beforeOverwrite(h, t);
-        if (h.type === MIRROR_OP.WRITE) await backing.write(payload!, h.offset);
-        else await backing.zero(h.offset, h.length, (h.flags & MIRROR_FLAG.MAY_PUNCH) !== 0, false);
-        if (h.flags & MIRROR_FLAG.FUA) await backing.flush();
-      });
-      applied.ops++;
-      applied.bytes += h.length;
-      this.answer(h.reqId, 0);
+      await op.run(this, h, payload, t);
     } catch (err) {
-      applied.errors++;
-      this.log.error('applying a mirror request failed', { lun: t.lun.name, seq: h.seq, error: (err as Error).message });
+      t.lun.applied.errors++;
+      this.log.error('applying a mirror request failed', { lun: t.name, seq: h.seq, error: (err as Error).message });
       this.answer(h.reqId, nbdErrno(err));
     }
   }
 
-  /**
-   * A resync write makes this copy inconsistent (persisted before it lands); while inconsistent,
-   * each region is saved in the undo log before its first overwrite, so promote can roll back.
-   */
-  private async beforeOverwrite(h: MirrorRequestHeader, t: Target): Promise<void> {
-    const { meta, undo } = t.lun;
-    if (!meta) return;
-    if ((h.flags & MIRROR_FLAG.RESYNC) && meta.data.consistent) {
-      t.state.losingConsistency ??= meta.update({ consistent: false }).then(() => {
-        this.log.info('secondary is inconsistent until the resync completes; its last consistent state is kept in the undo log', { lun: t.lun.name });
-      }).finally(() => { t.state.losingConsistency = null; });
+  /** An unnumbered request (HASH, SET_GEN) waits for its dep; false: its session is gone. */
+  async after(h: MirrorRequestHeader, t: Target): Promise<boolean> {
+    const wait = t.lun.order.ready(h.dep, this);
+    if (wait) await wait;
+    return !this.socket.destroyed;
+  }
+
+  async applyOrdered(h: MirrorRequestHeader, payload: Buffer | null, t: Target): Promise<void> {
+    const { order, applied } = t.lun;
+    if (order.isApplied(h.seq)) return this.answer(h.reqId, 0);
+    const epoch = order.epoch;
+    const wait = order.ready(h.dep, this);
+    if (wait) {
+      this.waitingBytes += h.length;
+      if (this.waitingBytes > MAX_WAITING_BYTES) {
+        this.violate(`more than ${MAX_WAITING_BYTES} bytes of requests waiting for their dependencies`);
+      }
+      await wait;
+      this.waitingBytes -= h.length;
     }
-    if (t.state.losingConsistency) await t.state.losingConsistency;
-    // A never-synced copy has no consistent state to keep: no undo log there (nothing to roll back to).
-    if (!meta.data.consistent && undo && !meta.neverSynced && !undo.covers(h.offset, h.length)) await undo.protect(t.lun.backing, h.offset, h.length);
+    // Its session is gone, or a new run of the primary took over while it waited: drop it unapplied.
+    if (this.socket.destroyed || order.epoch !== epoch) {
+      if (!this.socket.destroyed) this.answer(h.reqId, ESTALE);
+      return;
+    }
+    // A resend of a request still being applied waits for that one instead of applying twice.
+    const running = order.running(h.seq);
+    if (running) {
+      await running;
+      return this.answer(h.reqId, 0);
+    }
+    if (order.isApplied(h.seq)) return this.answer(h.reqId, 0);
+    t.lun.recordBefore(h.dep);
+    await order.run(h.seq, () => t.lun.write(h, payload));
+    applied.ops++;
+    applied.bytes += h.length;
+    this.answer(h.reqId, 0);
   }
 
-  /** SET_GEN: the primary caught up; this copy is consistent again and takes its generation. */
-  private async adopt(t: Target, payload: Buffer | null): Promise<number> {
-    const g = payload && decodeGeneration(payload);
-    const meta = t.lun.meta;
-    if (!g || !meta) return EINVAL;
-    await t.lun.backing.flush();
-    await meta.adopt(g.current, g.history);
-    await t.lun.undo?.discard();
-    this.log.info('secondary caught up with the primary', { lun: t.lun.name, generation: g.current });
-    return 0;
-  }
-
-  private answer(reqId: number, errno: number, data?: Buffer): void {
+  answer(reqId: number, errno: number, data?: Buffer): void {
     if (this.socket.destroyed) return;
     const out = Buffer.allocUnsafe(REPLY_SIZE + (data ? REPLY_DATA_SIZE : 0));
     writeReply(out, 0, reqId, errno, data ? REPLY_DATA_MAGIC : REPLY_MAGIC);
@@ -407,4 +364,3 @@ class ReceiverConnection implements FrameSink {
     return STOP;
   }
 }
-
