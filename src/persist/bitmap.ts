@@ -10,13 +10,14 @@
 // never land after a newer one.
 import fs from 'node:fs';
 import { crc32c } from '@node-rs/crc32';
+import { NbdMirrorError } from '../errors.js';
 import {
   BITMAP_CRC_COVERS, BITMAP_MAGIC, BITMAP_VERSION, bitmapHeader, closeFd, createFileAtomic, fdatasync, fstatSize,
   GroupSync, openFile, preadFull, pwriteFull,
 } from './record.js';
 import { nextSetBit, popcount8, type RegionSet } from './region-set.js';
 
-export class BitmapError extends Error {}
+export class BitmapError extends NbdMirrorError { override readonly code = 'bitmap'; }
 
 export const DEFAULT_REGION_SIZE = 64 * 1024;
 /** Dirty bytes closer than this are written as one run (the bytes between are current anyway). */

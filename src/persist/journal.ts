@@ -12,6 +12,7 @@
 import fs from 'node:fs';
 import { dirname } from 'node:path';
 import { crc32c } from '@node-rs/crc32';
+import { NbdMirrorError } from '../errors.js';
 import {
   closeFd, createFileAtomic, fdatasync, fstatSize, fsyncDir, ftruncate, GroupSync, headerCrc, JOURNAL_MAGIC,
   JOURNAL_VERSION, journalHeaderFixed, journalHeaderSize, MAX_LUN_NAME_BYTES, openFile, preadFull, pwriteFull,
@@ -40,7 +41,7 @@ export interface JournalRecovery {
   corrupt: null | { offset: number; reason: string; savedAs: string };
 }
 
-export class JournalError extends Error {}
+export class JournalError extends NbdMirrorError { override readonly code = 'journal'; }
 
 // RESYNC: a region copy in flight when the link failed keeps its sequence number in the journal,
 // so the replay stays dense (a later record may depend on it).

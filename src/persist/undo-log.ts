@@ -19,12 +19,13 @@
 import fs from 'node:fs';
 import { crc32c } from '@node-rs/crc32';
 import lo from 'buffer-layout';
+import { NbdMirrorError } from '../errors.js';
 import type { Backing } from '../storage/backing.js';
 import {
   closeFd, createFileAtomic, fdatasync, fstatSize, ftruncate, openFile, preadFull, pwriteFull, pwritevFull,
 } from './record.js';
 
-export class UndoLogError extends Error {}
+export class UndoLogError extends NbdMirrorError { override readonly code = 'undo-log'; }
 
 // ---- layout -----------------------------------------------------------------------------------
 
