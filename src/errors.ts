@@ -3,7 +3,7 @@
 // process: the CLI's exit code (and how its message is shown), the admin endpoint's HTTP status.
 // A leaf module (like log.ts): it imports nothing of the project, so any room may use it.
 
-/** Exit codes of the CLI. */
+/** Exit codes of the CLI: 0 success, 1 runtime failure, 2 usage or configuration error, 3 admin endpoint unreachable. */
 export const EXIT = { ok: 0, fail: 1, usage: 2, unreachable: 3 } as const;
 
 interface Meaning {
