@@ -1,10 +1,14 @@
 // What an operator can ask a running site to do (through the admin endpoint and the CLI).
 // The site implements it; the admin server only routes and reports.
 
-/** A refused action: `status` is the HTTP status the admin endpoint answers with. */
-export class ActionError extends Error {
+import { NbdMirrorError, type ErrorCode } from '../errors.js';
+
+const ACTION_CODES = { 400: 'bad-request', 404: 'not-found', 409: 'refused' } as const satisfies Record<number, ErrorCode>;
+
+/** A refused action: `status` is the HTTP status the admin endpoint answers with (its code says so). */
+export class ActionError extends NbdMirrorError {
   constructor(message: string, readonly status: 400 | 404 | 409 = 409) {
-    super(message);
+    super(message, { code: ACTION_CODES[status] });
   }
 }
 

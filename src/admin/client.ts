@@ -1,6 +1,7 @@
 // Client side of the admin endpoint, for `nbd-mirror status` and the operator actions
 // (`nbd-mirror promote|demote|resolve|verify`).
 import http from 'node:http';
+import { NbdMirrorError } from '../errors.js';
 import type { RoleChange, VerifyReport } from './actions.js';
 
 /**
@@ -26,8 +27,9 @@ function connectOptions(t: AdminTarget): http.RequestOptions {
   return { host: t.host, port: t.port, headers: t.token ? { authorization: `Bearer ${t.token}` } : {} };
 }
 
+/** GET /status; rejects with AdminUnreachableError whatever fails (no status is no status). */
 export function fetchStatus(target: AdminTarget, timeoutMs = 5000): Promise<unknown> {
-  return new Promise((resolve, reject) => {
+  return new Promise<unknown>((resolve, reject) => {
     const req = http.get({ ...connectOptions(target), path: '/status', timeout: timeoutMs }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
@@ -41,7 +43,7 @@ export function fetchStatus(target: AdminTarget, timeoutMs = 5000): Promise<unkn
     });
     req.on('timeout', () => req.destroy(new Error('timed out')));
     req.on('error', reject);
-  });
+  }).catch((err: Error) => { throw new AdminUnreachableError(err.message); });
 }
 
 interface LunStatus {
@@ -115,13 +117,13 @@ function bytes(n: number): string {
 }
 
 /** The admin endpoint could not be reached (nothing listens, connect timed out...): no action was taken. */
-export class AdminUnreachableError extends Error {}
+export class AdminUnreachableError extends NbdMirrorError { override readonly code = 'unreachable'; }
 
 /**
  * The request reached the site but no (complete, readable) answer came back: the action may or
  * may not have taken place.
  */
-export class AdminAnswerError extends Error {}
+export class AdminAnswerError extends NbdMirrorError { override readonly code = 'no-answer'; }
 
 export interface ActionAnswer { status: number; body: unknown }
 

@@ -8,7 +8,8 @@ import fs from 'node:fs';
 import http from 'node:http';
 import net, { type AddressInfo } from 'node:net';
 import { listenOn } from '../net/listen.js';
-import { ActionError, type SiteActions } from './actions.js';
+import { httpStatusOf, NbdMirrorError, type ErrorCode } from '../errors.js';
+import type { SiteActions } from './actions.js';
 
 export type StatusSource = () => unknown;
 export type MetricsSource = () => Promise<string>;
@@ -27,8 +28,6 @@ const PARAMS: Record<ActionName, readonly string[]> = {
   resolve: ['discard'],
   verify: ['repair'],
 };
-
-class BadRequest extends Error {}
 
 export interface AdminAuth {
   /** Bearer token that authorises actions over TCP; null: actions only on the socket. */
@@ -99,7 +98,7 @@ export class AdminServer {
       return this.action(req, res, lunAction[1], lunAction[2], url.searchParams);
     }
     if (url.pathname === '/status' || url.pathname === '/metrics') {
-      if (req.method !== 'GET') return send(res, 405, { error: 'method not allowed' }, { allow: 'GET' });
+      if (req.method !== 'GET') return fail(res, refusal('method-not-allowed', 'method not allowed'), { allow: 'GET' });
     }
     if (url.pathname === '/status') return send(res, 200, this.status());
     if (url.pathname === '/metrics') {
@@ -108,12 +107,12 @@ export class AdminServer {
           res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4; charset=utf-8' });
           res.end(text);
         },
-        (err: Error) => send(res, 500, { error: err.message }),
+        (err: unknown) => fail(res, err),
       );
       return;
     }
-    if (req.method !== 'GET' && req.method !== 'POST') return send(res, 405, { error: 'method not allowed' });
-    send(res, 404, { error: `no such endpoint ${url.pathname}` });
+    if (req.method !== 'GET' && req.method !== 'POST') return fail(res, refusal('method-not-allowed', 'method not allowed'));
+    fail(res, refusal('not-found', `no such endpoint ${url.pathname}`));
   }
 
   private authorised(req: http.IncomingMessage): boolean {
@@ -128,10 +127,10 @@ export class AdminServer {
     const where = this.auth.socketPath ? `the admin socket ${this.auth.socketPath}` : 'the admin socket';
     if (this.auth.token) {
       const why = req.headers.authorization ? 'wrong token' : 'no token';
-      return send(res, 401, { error: `operator actions over TCP need the token of admin.tokenFile (${why}); or use ${where}` },
+      return fail(res, refusal('unauthorised', `operator actions over TCP need the token of admin.tokenFile (${why}); or use ${where}`),
         { 'www-authenticate': 'Bearer' });
     }
-    send(res, 403, { error: `operator actions are only accepted on ${where} (or over TCP with admin.tokenFile set)` });
+    fail(res, refusal('forbidden', `operator actions are only accepted on ${where} (or over TCP with admin.tokenFile set)`));
   }
 
   /** POST /luns/NAME/ACTION[?query]: run the action, answer with its result or its refusal. */
@@ -139,10 +138,10 @@ export class AdminServer {
     query: URLSearchParams): void {
     const action = ACTIONS.find((a) => a === rawAction);
     if (!action) {
-      return send(res, 404, { error: `no such action "${safe(rawAction)}" (one of ${ACTIONS.join(', ')})` });
+      return fail(res, refusal('not-found', `no such action "${safe(rawAction)}" (one of ${ACTIONS.join(', ')})`));
     }
     if (req.method !== 'POST') {
-      return send(res, 405, { error: `method not allowed: ${action} takes POST` }, { allow: 'POST' });
+      return fail(res, refusal('method-not-allowed', `method not allowed: ${action} takes POST`), { allow: 'POST' });
     }
     let lun: string;
     let run: (actions: SiteActions) => Promise<unknown>;
@@ -150,10 +149,10 @@ export class AdminServer {
       lun = decodeName(rawName);
       run = parseAction(action, lun, query);
     } catch (err) {
-      return send(res, err instanceof BadRequest ? 400 : 500, { error: (err as Error).message });
+      return fail(res, err);
     }
     if (!this.actions) {
-      return send(res, 501, { error: `operator actions are not available on this admin endpoint (${action} ${lun})` });
+      return fail(res, refusal('unavailable', `operator actions are not available on this admin endpoint (${action} ${lun})`));
     }
     let pending: Promise<unknown>;
     try {
@@ -163,10 +162,7 @@ export class AdminServer {
     }
     pending.then(
       (result) => send(res, 200, result),
-      (err: unknown) => {
-        if (err instanceof ActionError) send(res, err.status, { error: err.message });
-        else send(res, 500, { error: err instanceof Error ? err.message : String(err) });
-      },
+      (err: unknown) => fail(res, err),
     );
   }
 
@@ -195,10 +191,10 @@ function decodeName(raw: string): string {
   try {
     name = decodeURIComponent(raw);
   } catch {
-    throw new BadRequest(`bad LUN name "${safe(raw)}": invalid URL encoding`);
+    throw refusal('bad-request', `bad LUN name "${safe(raw)}": invalid URL encoding`);
   }
   if (!LUN_NAME.test(name)) {
-    throw new BadRequest(`bad LUN name "${safe(name)}": letters, digits, ".", "_", "-" (not first), at most 128`);
+    throw refusal('bad-request', `bad LUN name "${safe(name)}": letters, digits, ".", "_", "-" (not first), at most 128`);
   }
   return name;
 }
@@ -206,10 +202,10 @@ function decodeName(raw: string): string {
 function parseAction(action: ActionName, lun: string, query: URLSearchParams): (a: SiteActions) => Promise<unknown> {
   for (const key of new Set(query.keys())) {
     if (!PARAMS[action].includes(key)) {
-      throw new BadRequest(`${action}: unknown parameter "${safe(key)}"` +
+      throw refusal('bad-request', `${action}: unknown parameter "${safe(key)}"` +
         (PARAMS[action].length ? ` (accepts ${PARAMS[action].join(', ')})` : ' (takes none)'));
     }
-    if (query.getAll(key).length > 1) throw new BadRequest(`${action}: parameter "${safe(key)}" given more than once`);
+    if (query.getAll(key).length > 1) throw refusal('bad-request', `${action}: parameter "${safe(key)}" given more than once`);
   }
   switch (action) {
     case 'promote': {
@@ -222,7 +218,7 @@ function parseAction(action: ActionName, lun: string, query: URLSearchParams): (
     case 'resolve': {
       const discard = query.get('discard');
       if (discard !== 'local' && discard !== 'remote') {
-        throw new BadRequest(discard === null
+        throw refusal('bad-request', discard === null
           ? 'resolve needs discard=local or discard=remote'
           : `resolve: discard must be local or remote (got "${safe(discard)}")`);
       }
@@ -240,13 +236,23 @@ function flag(query: URLSearchParams, key: string): boolean {
   const v = query.get(key);
   if (v === null || v === '0' || v === 'false') return false;
   if (v === '' || v === '1' || v === 'true') return true;
-  throw new BadRequest(`${key} must be 1 or 0 (got "${safe(v)}")`);
+  throw refusal('bad-request', `${key} must be 1 or 0 (got "${safe(v)}")`);
 }
 
 /** Echo client input in messages without control characters, and not too long. */
 function safe(s: string): string {
   const clean = s.replace(/[\u0000-\u001f\u007f]/g, '?');
   return clean.length > 64 ? `${clean.slice(0, 64)}…` : clean;
+}
+
+/** A request the endpoint refuses; its code is the HTTP status (src/errors.ts). */
+function refusal(code: ErrorCode, message: string): NbdMirrorError {
+  return new NbdMirrorError(message, { code });
+}
+
+/** Answer an error with the status its code means (500 for an error without one) and { error }. */
+function fail(res: http.ServerResponse, err: unknown, headers: Record<string, string> = {}): void {
+  send(res, httpStatusOf(err), { error: err instanceof Error ? err.message : String(err) }, headers);
 }
 
 function send(res: http.ServerResponse, code: number, body: unknown, headers: Record<string, string> = {}): void {

@@ -3,13 +3,15 @@
 // is one ConfigError line naming the key and the problem.
 import fs from 'node:fs';
 import convict from 'convict';
+import { NbdMirrorError } from '../errors.js';
 import { loadHostCredentials, loadMirrorCredentials } from '../security/credentials.js';
 import { checkDataDir, checkSecretFile, SecurityError } from '../security/files.js';
 import { busyDevices, peerIsSelf, portConflicts, sharedBacking } from './conflicts.js';
 import { adminSocketPath, lunChild, lunSchema, schema, type LunConfig, type SiteConfig } from './schema.js';
 import { typeProblems } from './types.js';
 
-export class ConfigError extends Error {}
+/** The configuration is invalid (exit 2, shown as a config error). */
+export class ConfigError extends NbdMirrorError { override readonly code = 'config'; }
 
 export function siteSchema() {
   return convict<SiteConfig>(schema as unknown as convict.Schema<SiteConfig>);

@@ -13,9 +13,10 @@ import { closeFd, fdatasync, openOrCreate, preadFull } from './file-io.js';
 import { encodeHeader, readHeader } from './header.js';
 import { BITMAP_HEADER, BITMAP_MAGIC, BITMAP_VERSION, bitmapHeader } from './record.js';
 import { FailureLatch, GroupSync } from './serial-writer.js';
+import { NbdMirrorError } from '../errors.js';
 import { nextSetBit, popcount8, type RegionSet } from './region-set.js';
 
-export class BitmapError extends Error {}
+export class BitmapError extends NbdMirrorError { override readonly code = 'bitmap'; }
 
 export const DEFAULT_REGION_SIZE = 64 * 1024;
 /** Dirty bytes closer than this are written as one run (the bytes between are current anyway). */

@@ -12,6 +12,7 @@
 import fs from 'node:fs';
 import { crc32c } from '@node-rs/crc32';
 import { closeFd, fdatasync, fstatSize, ftruncate, openFile, openOrCreate, preadFull, pwritevFull } from './file-io.js';
+import { NbdMirrorError } from '../errors.js';
 import {
   checkJournalHeader, encodeJournalHeader, recoverJournal, scanRecords, type JournalEntry, type JournalRecovery,
 } from './journal-scan.js';
@@ -27,7 +28,7 @@ export type { JournalEntry, JournalRecovery } from './journal-scan.js';
 /** A mirror request to journal. For WRITE, `data` holds `length` bytes; for WRITE_ZEROES it is null. */
 export interface JournalRecord { seq: number; dep: number; kind: number; flags: number; offset: number; length: number; data: Buffer | null }
 
-export class JournalError extends Error {}
+export class JournalError extends NbdMirrorError { override readonly code = 'journal'; }
 
 interface PendingAppend {
   hdr: Buffer;

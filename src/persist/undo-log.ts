@@ -16,6 +16,7 @@
 //   are all zeros, has a torn tail (a crash during an append): it is cut off. Any other bad
 //   record is an error naming its offset, and the file is left untouched: a record of a region
 //   that may have been overwritten since is never dropped silently.
+import { NbdMirrorError } from '../errors.js';
 import type { Backing } from '../storage/backing.js';
 import { closeFd, fdatasync, ftruncate, openOrCreate, pwritevFull } from './file-io.js';
 import { SerialWriter, WRITEV_MAX_BYTES, WRITEV_MAX_RECORDS } from './serial-writer.js';
@@ -29,7 +30,7 @@ export {
   undoRecordHeader, type UndoHeaderFixed, type UndoRecordHeader,
 } from './undo-records.js';
 
-export class UndoLogError extends Error {}
+export class UndoLogError extends NbdMirrorError { override readonly code = 'undo-log'; }
 
 const RESOLVED = Promise.resolve();
 

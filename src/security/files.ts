@@ -1,8 +1,10 @@
 // Permission rules for the files a site trusts: secrets nobody else may read or replace, and
 // the data directory that holds journals and metadata.
 import fs from 'node:fs';
+import { NbdMirrorError } from '../errors.js';
 
-export class SecurityError extends Error {}
+/** A key, token or data directory that is unsafe to use: a configuration problem (exit 2). */
+export class SecurityError extends NbdMirrorError { override readonly code = 'config'; }
 
 /**
  * A secret (pre-shared key, private key): a regular file neither readable nor writable by

@@ -1,4 +1,4 @@
-// Fuzz: the heartbeat datagram parser and authentication (src/health/heartbeat.ts).
+// Fuzz: the heartbeat datagram parser and authentication (src/health/heartbeat-wire.ts).
 // parseHeartbeat/decodeHeartbeat never throw on any datagram, accept only what encodeHeartbeat
 // would produce (re-encoding an accepted datagram gives back the same bytes; for a signed one,
 // the same bytes but the MAC), and round-trip every valid datagram. authenticateHeartbeat
@@ -10,10 +10,11 @@ import dgram from 'node:dgram';
 import { expect } from 'chai';
 import fc from 'fast-check';
 import winston from 'winston';
+import { Heartbeat } from '../../src/health/heartbeat.js';
 import {
-  authenticateHeartbeat, decodeHeartbeat, encodeHeartbeat, Heartbeat, HEARTBEAT_FLAG_SIGNED, HEARTBEAT_HEADER_SIZE,
+  authenticateHeartbeat, decodeHeartbeat, encodeHeartbeat, HEARTBEAT_FLAG_SIGNED, HEARTBEAT_HEADER_SIZE,
   HEARTBEAT_MAC_SIZE, HEARTBEAT_MAGIC, HEARTBEAT_TRAILER_SIZE, HeartbeatKey, parseHeartbeat, type HeartbeatInput,
-} from '../../src/health/heartbeat.js';
+} from '../../src/health/heartbeat-wire.js';
 import { bytes, fuzz, timeoutFor, utf8String, type TargetBudget } from './harness.js';
 
 const REASONS = ['length', 'magic', 'version', 'siteLen', 'range', 'utf8'];

@@ -7,11 +7,11 @@ import { Writable } from 'node:stream';
 import { setTimeout as delay } from 'node:timers/promises';
 import { expect } from 'chai';
 import winston from 'winston';
+import { Heartbeat, type HeartbeatOptions } from '../../src/health/heartbeat.js';
 import {
-  authenticateHeartbeat, decodeHeartbeat, encodeHeartbeat, Heartbeat, HEARTBEAT_FLAG_SIGNED, HEARTBEAT_HEADER_SIZE,
-  HEARTBEAT_KEY_INFO, HEARTBEAT_MAC_SIZE, HEARTBEAT_NONCE_SIZE, HEARTBEAT_TRAILER_SIZE, HeartbeatKey, parseHeartbeat,
-  type HeartbeatInput, type HeartbeatOptions,
-} from '../../src/health/heartbeat.js';
+  authenticateHeartbeat, decodeHeartbeat, encodeHeartbeat, HEARTBEAT_FLAG_SIGNED, HEARTBEAT_HEADER_SIZE, HEARTBEAT_KEY_INFO,
+  HEARTBEAT_MAC_SIZE, HEARTBEAT_NONCE_SIZE, HEARTBEAT_TRAILER_SIZE, HeartbeatKey, parseHeartbeat, type HeartbeatInput,
+} from '../../src/health/heartbeat-wire.js';
 import { LinkMonitor, type LinkState } from '../../src/health/link-monitor.js';
 import { HOST, RawPeer } from './raw-peer.js';
 

@@ -7,7 +7,7 @@
 import dgram from 'node:dgram';
 import { setTimeout as delay } from 'node:timers/promises';
 import { expect } from 'chai';
-import { decodeHeartbeat, encodeHeartbeat, HEARTBEAT_FLAG_SIGNED, HeartbeatKey } from '../../src/health/heartbeat.js';
+import { decodeHeartbeat, encodeHeartbeat, HEARTBEAT_FLAG_SIGNED, HeartbeatKey } from '../../src/health/heartbeat-wire.js';
 import { OutagePair, SHORT_HEARTBEAT } from '../helpers/outage-pair.js';
 import { Cleanup, pollUntil, tmpDir } from '../helpers/site.js';
 

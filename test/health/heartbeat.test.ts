@@ -4,10 +4,11 @@
 import { once } from 'node:events';
 import { expect } from 'chai';
 import winston from 'winston';
+import { Heartbeat, type HeartbeatOptions } from '../../src/health/heartbeat.js';
 import {
-  decodeHeartbeat, encodeHeartbeat, Heartbeat, HEARTBEAT_HEADER_SIZE, HEARTBEAT_MAGIC, HEARTBEAT_VERSION, parseHeartbeat,
-  type HeartbeatDatagram, type HeartbeatOptions,
-} from '../../src/health/heartbeat.js';
+  decodeHeartbeat, encodeHeartbeat, HEARTBEAT_HEADER_SIZE,
+  HEARTBEAT_MAGIC, HEARTBEAT_VERSION, parseHeartbeat, type HeartbeatDatagram,
+} from '../../src/health/heartbeat-wire.js';
 import { RawPeer } from './raw-peer.js';
 
 const HOST = '127.0.0.1';

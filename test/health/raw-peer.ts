@@ -2,7 +2,7 @@
 // test/health tests (not a test file itself): it queues what arrives and sends raw datagrams.
 import dgram from 'node:dgram';
 import { expect } from 'chai';
-import { decodeHeartbeat, type HeartbeatDatagram } from '../../src/health/heartbeat.js';
+import { decodeHeartbeat, type HeartbeatDatagram } from '../../src/health/heartbeat-wire.js';
 
 export const HOST = '127.0.0.1';
 
