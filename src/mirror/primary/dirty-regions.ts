@@ -130,11 +130,13 @@ export class DirtyRegions {
     }
   }
 
-  /** A round per set with regions waiting: their bits go after `flush` succeeds (flushed-clears.ts). */
-  clearRounds(flush: () => Promise<boolean>, failed: (err: Error) => void): void {
+  /** A round per set with regions waiting: their bits go after `flush` succeeds (flushed-clears.ts). Resolves when both are done. */
+  clearRounds(flush: () => Promise<boolean>, failed: (err: Error) => void): Promise<unknown> {
+    const rounds: Promise<void>[] = [];
     for (const set of [this.clears, this.compareClears]) {
       if (set.waiting === 0) continue;
-      set.round(flush, (first, n) => this.clearClean(first, n)).catch(failed);
+      rounds.push(set.round(flush, (first, n) => this.clearClean(first, n)).catch(failed));
     }
+    return Promise.all(rounds);
   }
 }

@@ -339,7 +339,7 @@ export class LunMirror {
     r.dirty.gatherQuiet(Date.now() - CLEAR_DELAY_MS);
     // The bits go only after a peer FLUSH that covers their writes (flushed-clears.ts).
     if (r.path === 'live' && r.linkUp) {
-      r.dirty.clearRounds(async () => r.path === 'live' && r.linkUp && (await r.peerFlush()) === 0,
+      void r.dirty.clearRounds(async () => r.path === 'live' && r.linkUp && (await r.peerFlush()) === 0,
         (err: Error) => this.log.error('bitmap clear failed', { lun: this.lun, error: err.message }));
     }
     return this.store.bitmap.flushDirty();
