@@ -19,6 +19,19 @@ export interface PoolOptions {
   connectTimeoutMs: number;
 }
 
+/**
+ * What a LUN's mirror uses of the pool (primary/lun-mirror.ts), so tests can drive answers and
+ * outages without sockets. The owner reports the session's ups and downs to the LUN (paired(),
+ * linkDown()); send() on a session that is down fails the op with ENOTCONN, asynchronously.
+ */
+export interface MirrorLink {
+  send(op: MirrorOp): void;
+  /** Bring the whole session down: every unanswered request fails with ENOTCONN. */
+  disconnect(reason: string): void;
+  /** Why the session last went down. */
+  readonly downReason: string;
+}
+
 export type PoolState = 'down' | 'connecting' | 'up';
 
 export interface PoolEvents {
@@ -28,7 +41,7 @@ export interface PoolEvents {
   reoffer: [];
 }
 
-export class MirrorPool extends EventEmitter<PoolEvents> {
+export class MirrorPool extends EventEmitter<PoolEvents> implements MirrorLink {
   readonly elements: PeerConnection[];
   state: PoolState = 'down';
   peerSite = '';

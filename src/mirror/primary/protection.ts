@@ -1,6 +1,6 @@
 // What protects a mirrored primary LUN's acknowledged writes right now: the peer's copy, or only
 // this site (README "Protection"). One definition for status, metrics and the state log line.
-import type { MirrorState } from './lun-mirror.js';
+import type { MirrorState } from './mirror-state.js';
 
 /**
  * - `peer`: sync and uptodate: every acknowledged write is on the peer's copy, and that copy is
