@@ -10,8 +10,9 @@ import type { RateLimiter } from './rate-limit.js';
 import { replay } from './replay.js';
 import { PendingOp, type Replicator } from './replicator.js';
 import { resync } from './resync.js';
+import type { WorkerContext } from './worker-context.js';
 
-export class CatchUp {
+export class CatchUp implements WorkerContext {
   private running: Promise<void> | null = null;
   private kickAgain = false;
   /** Replay sessions in a row that sent records and saw none answered. */

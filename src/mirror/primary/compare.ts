@@ -3,7 +3,7 @@
 // differ; regions that differ, or that a write touched while they were compared, go to
 // resyncNeeded (resync.ts sends them). The work list is the compareNeeded bits, walked in order.
 import { hashRange } from '../../storage/hash.js';
-import type { CatchUp } from './catch-up.js';
+import type { WorkerContext } from './worker-context.js';
 import { CompareWalk, TurnBudget, type CompareItem } from './catch-up-walk.js';
 import type { LinkSession } from './link-session.js';
 import type { Replicator } from './replicator.js';
@@ -17,7 +17,7 @@ const COMPARE_PARALLEL = 16;
  */
 const COMPARE_COARSE_BYTES = 64 * 1024 * 1024;
 
-export async function compare(c: CatchUp, s: LinkSession): Promise<void> {
+export async function compare(c: WorkerContext, s: LinkSession): Promise<void> {
   const r = c.r;
   const todo = r.dirty.compareNeeded;
   r.transition('syncing', `comparing ${todo.size} regions with the peer's copy (the secondary is inconsistent until done)`);

@@ -4,7 +4,7 @@
 import type { JournalEntry } from '../../persist/journal.js';
 import { JOURNAL_KIND } from '../../persist/journal.js';
 import { MIRROR_FLAG, MIRROR_OP } from '../wire.js';
-import type { CatchUp } from './catch-up.js';
+import type { WorkerContext } from './worker-context.js';
 import type { LinkSession } from './link-session.js';
 import { PendingOp } from './replicator.js';
 
@@ -12,7 +12,7 @@ const REPLAY_WINDOW_BYTES = 8 * 1024 * 1024;
 const REPLAY_BATCH_BYTES = 2 * 1024 * 1024;
 
 /** Replay within session `s`; returns the last sequence number sent. */
-export async function replay(c: CatchUp, s: LinkSession): Promise<number> {
+export async function replay(c: WorkerContext, s: LinkSession): Promise<number> {
   const r = c.r;
   const journal = r.store.journal;
   let lastSent = r.seq.ackedPrefix;   // the peer has everything up to here (see Sequencer.resumeAfter)

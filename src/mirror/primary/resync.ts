@@ -2,7 +2,7 @@
 // inconsistent until SET_GEN), while new writes are mirrored live; regions still to compare are
 // compared first (compare.ts) and only those that differ are sent.
 import { MIRROR_FLAG, MIRROR_OP } from '../wire.js';
-import type { CatchUp } from './catch-up.js';
+import type { WorkerContext } from './worker-context.js';
 import { TurnBudget } from './catch-up-walk.js';
 import { compare } from './compare.js';
 import type { LinkSession } from './link-session.js';
@@ -10,7 +10,7 @@ import { PendingOp } from './replicator.js';
 
 const RESYNC_WINDOW_BYTES = 16 * 1024 * 1024;
 
-export async function resync(c: CatchUp, s: LinkSession): Promise<void> {
+export async function resync(c: WorkerContext, s: LinkSession): Promise<void> {
   const r = c.r;
   const { backing, gate, seq, progress } = r;
   if (r.path === 'bitmap') {

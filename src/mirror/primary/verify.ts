@@ -3,11 +3,11 @@
 // sides, so a difference is never an artefact of a write in flight. With repair, differing
 // regions are marked and resent by the catch-up worker.
 import { hashRange } from '../../storage/hash.js';
-import type { CatchUp } from './catch-up.js';
+import type { WorkerContext } from './worker-context.js';
 import type { Replicator } from './replicator.js';
 
 /** Returns the differing regions. */
-export async function verify(c: CatchUp, repair: boolean, coarseBytes: number): Promise<number[]> {
+export async function verify(c: WorkerContext, repair: boolean, coarseBytes: number): Promise<number[]> {
   const r = c.r;
   if (r.verifying) throw new Error('a verify of this LUN is already running');
   if (r.state !== 'uptodate' || r.path !== 'live') throw new Error(`the mirror is ${r.state} (${r.reason}); verify needs it up to date`);
