@@ -3,6 +3,7 @@
 import convict from 'convict';
 import { parseCidr } from '../net/cidr.js';
 import type { HostTlsMode, MirrorTlsMode, TlsCredentials } from '../security/credentials.js';
+import type { SenderConfig } from '../mirror/sender.js';
 
 export const LUN_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 
@@ -230,18 +231,12 @@ export const schema = {
 
 export type { TlsCredentials };
 
-export interface MirrorConfig {
+/** The mirror section: what the sender uses (mirror/sender.ts SenderConfig), and the rest. */
+export interface MirrorConfig extends SenderConfig {
   listen: { host: string; port: number };
   tls: MirrorTlsMode;
   credentials: TlsCredentials;
-  peer: { host: string; port: number; site: string };
-  connections: number;
-  connectTimeoutMs: number;
-  reconnectMs: number;
-  asyncWindowBytes: number;
-  syncRateBytes: number;
   journal: { maxBytes: number; regionSize: number };
-  heartbeat: { intervalMs: number; timeoutMs: number; probationMs: number };
 }
 
 export interface SiteConfig {

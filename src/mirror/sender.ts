@@ -19,7 +19,7 @@ import { MirrorPool } from './pool.js';
 const STALL_FACTOR = 4;
 const STALL_MIN_MS = 15000;
 
-/** What the sender needs of the site's mirror section (config/schema.ts MirrorConfig has it). */
+/** What the sender needs of the site's mirror section (config/schema.ts MirrorConfig extends it). */
 export interface SenderConfig {
   peer: { host: string; port: number; site: string };
   connections: number;
