@@ -113,7 +113,8 @@ export const SIMPLE_REPLY_SIZE = 16;
 export const STRUCTURED_HEADER_SIZE = 20;
 export const MIN_BLOCK_SIZE = 1;
 export const PREFERRED_BLOCK_SIZE = 4096;
-export const MAX_PAYLOAD = 32 * 1024 * 1024;
+/** Largest READ/WRITE payload, advertised in NBD_INFO_BLOCK_SIZE (nbdkit's limit). */
+export const MAX_PAYLOAD = 64 * 1024 * 1024;
 /** Longest option payload we buffer; anything longer is hostile and ends the connection. */
 export const MAX_OPTION_LENGTH = 64 * 1024;
 /** NBD strings (export names, descriptions, context names) are at most 4096 bytes. */

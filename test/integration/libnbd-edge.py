@@ -3,7 +3,7 @@
 
 Usage: libnbd-edge.py HOST PORT RW_EXPORT RO_EXPORT
 
-The RW export must be a freshly created, fully sparse (all holes) export of at least 64 MiB;
+The RW export must be a freshly created, fully sparse (all holes) export of at least 160 MiB;
 the RO export is any read-only export. Prints one JSON object on stdout:
 
   {"size": ..., "checks": {NAME: {"ok": bool, "errno": "EINVAL"|null, ...}, ...}}
@@ -15,8 +15,8 @@ Layout used inside the RW export (all offsets in MiB):
   12     zero FAST_ZERO                   14  zero NO_HOLE|FAST_ZERO
   16-20  block status (data only in [17, 18))
   24     multi-conn
-  20-60  trim/zero/cache/block status longer than the max payload (after the checks above)
-  32-64  32 MiB (= max payload) write/read
+  20-100 trim/zero/cache/block status longer than the max payload (after the checks above)
+  64-128 64 MiB (= max payload) write/read
 """
 import errno
 import json
@@ -25,7 +25,7 @@ import sys
 import nbd
 
 MiB = 1024 * 1024
-MAX_PAYLOAD = 32 * MiB
+MAX_PAYLOAD = 64 * MiB
 
 host, port, rw_export, ro_export = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 checks = {}
@@ -126,11 +126,11 @@ try:
 
     # --- payload size limits ---
     big = pattern(MAX_PAYLOAD, 3)
-    record("write_max_payload", attempt(lambda: h.pwrite(big, 32 * MiB)))
-    record("read_max_payload", attempt(lambda: h.pread(MAX_PAYLOAD, 32 * MiB) == big))
+    record("write_max_payload", attempt(lambda: h.pwrite(big, 64 * MiB)))
+    record("read_max_payload", attempt(lambda: h.pread(MAX_PAYLOAD, 64 * MiB) == big))
     del big
-    record("read_over_max_payload", attempt(lambda: len(h.pread(MAX_PAYLOAD + 4096, 0))))
-    record("usable_after_overflow", attempt(lambda: len(h.pread(4096, 0))))
+    # Requests over 64 MiB: libnbd refuses them itself (its own limit), so the mocha test sends
+    # them with a hand-rolled client.
 
     # --- FUA write ---
     fua_data = pattern(20000, 11)
@@ -184,9 +184,9 @@ try:
     r["other_sees_data"] = h2.pread(len(mc_data), 24 * MiB) == mc_data
     h2.shutdown()
 
-    # --- commands without payload, longer than the maximum payload ([20 MiB, 60 MiB)) ---
+    # --- commands without payload, longer than the maximum payload ([20 MiB, 100 MiB)) ---
     # The spec lets the server succeed or fail them (EOVERFLOW/EINVAL), but not hang up.
-    span = 40 * MiB
+    span = MAX_PAYLOAD + 16 * MiB
     record("trim_over_max_payload", attempt(lambda: h.trim(span, 20 * MiB)))
     record("zero_over_max_payload", attempt(lambda: h.zero(span, 20 * MiB)))
     record("cache_over_max_payload", attempt(lambda: h.cache(span, 20 * MiB)))
@@ -203,20 +203,6 @@ try:
     ro.shutdown()
 
     h.shutdown()
-
-    # --- write over the maximum payload (last: the server may hang up on it) ---
-    h3 = connect(rw_export)
-    r = record("write_over_max_payload", attempt(lambda: h3.pwrite(b"\x77" * (MAX_PAYLOAD + 4096), 0)))
-    r["connection_dead"] = bool(h3.aio_is_dead() or h3.aio_is_closed())
-    if not r["connection_dead"]:
-        r["usable_after"] = attempt(lambda: len(h3.pread(4096, 0)))["ok"]
-    try:
-        h3.shutdown()
-    except nbd.Error:
-        pass
-    h4 = connect(rw_export)
-    record("server_alive_after_overflow", attempt(lambda: len(h4.pread(4096, 0))))
-    h4.shutdown()
 except Exception as e:  # report, never crash: the test asserts there is no "fatal"
     checks["fatal"] = {"ok": False, "errno": None, "msg": "%s: %s" % (type(e).__name__, e)}
 

@@ -137,7 +137,7 @@ describe('NBD handshake (through NbdServer)', function () {
     });
   }
 
-  it('INFO: INFO_EXPORT (size, flags), BLOCK_SIZE 1/4096/32 MiB, ACK; no NAME unless asked; does not end negotiation', async function () {
+  it('INFO: INFO_EXPORT (size, flags), BLOCK_SIZE 1/4096/64 MiB, ACK; no NAME unless asked; does not end negotiation', async function () {
     const c = await fx.connect();
     await c.start();
     const r = await c.option(OPT.INFO, infoPayload('alpha'));
@@ -157,7 +157,7 @@ describe('NBD handshake (through NbdServer)', function () {
     const bs = infoOf(r, INFO.BLOCK_SIZE)!;
     expect(bs, 'INFO_BLOCK_SIZE').to.not.equal(undefined);
     expect(bs.length).to.equal(14);
-    expect([bs.readUInt32BE(2), bs.readUInt32BE(6), bs.readUInt32BE(10)]).to.deep.equal([1, 4096, 32 * MiB]);
+    expect([bs.readUInt32BE(2), bs.readUInt32BE(6), bs.readUInt32BE(10)]).to.deep.equal([1, 4096, 64 * MiB]);
     expect(bs.readUInt32BE(10)).to.equal(MAX_PAYLOAD);
     expect(infoOf(r, INFO.NAME), 'NAME not requested').to.equal(undefined);
     // Still negotiating: another option is answered.

@@ -75,7 +75,7 @@ describe('NBD transmission (through NbdServer)', function () {
       { name: 'READ crossing the end', on: 'rw', req: { type: CMD.READ, offset: SIZE - 512, length: 1024 }, expect: NBD_EINVAL },
       { name: 'READ at the end', on: 'rw', req: { type: CMD.READ, offset: SIZE, length: 1 }, expect: NBD_EINVAL },
       { name: 'READ of length 0', on: 'rw', req: { type: CMD.READ, offset: 0, length: 0 }, expect: NBD_EINVAL },
-      { name: 'READ of 32 MiB + 1', on: 'rw', req: { type: CMD.READ, offset: 0, length: MAX_PAYLOAD + 1 }, expect: NBD_EINVAL },
+      { name: 'READ of 64 MiB + 1', on: 'rw', req: { type: CMD.READ, offset: 0, length: MAX_PAYLOAD + 1 }, expect: NBD_EINVAL },
       { name: 'READ at offset 2^53', on: 'rw', req: { type: CMD.READ, offset: TWO_53, length: 1 }, expect: NBD_EINVAL },
       { name: 'READ at offset 2^64-1', on: 'rw', req: { type: CMD.READ, offset: U64_MAX, length: 1 }, expect: NBD_EINVAL },
       { name: 'READ of the last 512 bytes (control)', on: 'rw', req: { type: CMD.READ, offset: SIZE - 512, length: 512 }, expect: 0 },
@@ -121,8 +121,8 @@ describe('NBD transmission (through NbdServer)', function () {
       { name: 'command type 0xffff', on: 'rw', req: { type: 0xffff, offset: 0, length: 0 }, expect: NBD_EINVAL },
       { name: 'command type 9 (structured connection)', on: 'st', req: { type: 9, offset: 0, length: 512 }, expect: NBD_EINVAL },
       // Structured: over-long reads
-      { name: 'READ of 32 MiB + 1 with DF (structured)', on: 'st', req: { type: CMD.READ, flags: F.DF, offset: 0, length: MAX_PAYLOAD + 1 }, expect: NBD_EOVERFLOW },
-      { name: 'READ of 32 MiB + 1 without DF (structured)', on: 'st', req: { type: CMD.READ, offset: 0, length: MAX_PAYLOAD + 1 }, expect: NBD_EINVAL },
+      { name: 'READ of 64 MiB + 1 with DF (structured)', on: 'st', req: { type: CMD.READ, flags: F.DF, offset: 0, length: MAX_PAYLOAD + 1 }, expect: NBD_EOVERFLOW },
+      { name: 'READ of 64 MiB + 1 without DF (structured)', on: 'st', req: { type: CMD.READ, offset: 0, length: MAX_PAYLOAD + 1 }, expect: NBD_EINVAL },
       { name: 'READ crossing the end (structured)', on: 'st', req: { type: CMD.READ, offset: SIZE - 512, length: 1024 }, expect: NBD_EINVAL },
     ];
 
@@ -152,7 +152,7 @@ describe('NBD transmission (through NbdServer)', function () {
   describe('framing', function () {
     afterEach(async function () { await fx.dropClients(); });
 
-    it('WRITE with a 32 MiB + 1 payload: payload discarded, EINVAL, next request works', async function () {
+    it('WRITE with a 64 MiB + 1 payload: payload discarded, EINVAL, next request works', async function () {
       const c = await fx.connect();
       await c.connectExport('rw');
       const before = fx.contents('rw');
@@ -166,7 +166,7 @@ describe('NBD transmission (through NbdServer)', function () {
       expect(fx.contents('rw').equals(before), 'nothing written').to.equal(true);
     });
 
-    it('WRITE of exactly 64 MiB: still discarded with EINVAL, connection kept', async function () {
+    it('WRITE of twice the maximum payload: still discarded with EINVAL, connection kept', async function () {
       const c = await fx.connect();
       await c.connectExport('rw');
       const r = await c.roundTrip({ type: CMD.WRITE, cookie: 3n, offset: 0, length: 2 * MAX_PAYLOAD }, Buffer.alloc(2 * MAX_PAYLOAD));
@@ -174,7 +174,7 @@ describe('NBD transmission (through NbdServer)', function () {
       expect((await c.roundTrip({ type: CMD.FLUSH, cookie: 4n, length: 0 })).error).to.equal(0);
     });
 
-    it('WRITE header claiming more than 64 MiB: the connection is closed', async function () {
+    it('WRITE header claiming more than twice the maximum payload: the connection is closed', async function () {
       const c = await fx.connect();
       await c.connectExport('rw');
       await c.request({ type: CMD.WRITE, cookie: 5n, offset: 0, length: 2 * MAX_PAYLOAD + 1 });

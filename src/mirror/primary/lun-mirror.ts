@@ -264,9 +264,7 @@ export class LunMirror {
     try {
       const marked = this.store.bitmap.mark(pos, buf.length);
       if (marked) await marked;
-      const flags = fua ? MIRROR_FLAG.FUA : 0;
-      seq = r.path === 'bitmap' ? 0 : r.seq.take();
-      settled = r.dispatch(MIRROR_OP.WRITE, flags, pos, buf.length, buf, seq);
+      [seq, settled] = r.dispatchWrite(buf, pos, fua ? MIRROR_FLAG.FUA : 0);
       await this.backing.write(buf, pos);
       if (fua) await this.backing.flush();
     } catch (err) {

@@ -9,7 +9,7 @@ import type { LunMeta } from '../../persist/lun-meta.js';
 import type { Backing } from '../../storage/backing.js';
 import { ENOTCONN, type MirrorOp } from '../peer-connection.js';
 import type { MirrorLink } from '../pool.js';
-import { ESTALE, MIRROR_FLAG, MIRROR_OP } from '../wire.js';
+import { ESTALE, MAX_MIRROR_PAYLOAD, MIRROR_FLAG, MIRROR_OP } from '../wire.js';
 import { DirtyRegions } from './dirty-regions.js';
 import { LinkSession } from './link-session.js';
 import { checkTransition, type MirrorState, type WritePath } from './mirror-state.js';
@@ -166,6 +166,29 @@ export class Replicator {
     this.track(op);
     this.link.send(op);
     return this.mode === 'sync' ? op.settled : null;
+  }
+
+  /**
+   * A host WRITE: numbered and dispatched (bitmap path: seq 0). One larger than a mirror frame
+   * goes as consecutive frames, a number each and the same dep: they do not overlap, so the peer
+   * may apply them in any order (the gate holds the whole range meanwhile). Each keeps the FUA:
+   * a flush after one frame does not cover frames applied after it. Returns the last number.
+   */
+  dispatchWrite(buf: Buffer, pos: number, flags: number): [number, Promise<void> | null] {
+    if (this.path === 'bitmap') return [0, this.dispatch(MIRROR_OP.WRITE, flags, pos, buf.length, buf, 0)];
+    if (buf.length <= MAX_MIRROR_PAYLOAD) {
+      const seq = this.seq.take();
+      return [seq, this.dispatch(MIRROR_OP.WRITE, flags, pos, buf.length, buf, seq)];
+    }
+    const waits: Promise<void>[] = [];
+    let seq = 0;
+    for (let at = 0; at < buf.length; at += MAX_MIRROR_PAYLOAD) {
+      const frame = buf.subarray(at, Math.min(at + MAX_MIRROR_PAYLOAD, buf.length));
+      seq = this.seq.take();
+      const settled = this.dispatch(MIRROR_OP.WRITE, flags, pos + at, frame.length, frame, seq);
+      if (settled) waits.push(settled);
+    }
+    return [seq, waits.length ? Promise.all(waits).then(() => undefined) : null];
   }
 
   /** A live or resync request goes out: kept until answered, its regions' bits held. */

@@ -8,10 +8,11 @@ import type { LunMirror } from '../../../src/mirror/primary/lun-mirror.js';
 import { ALLOWED, checkTransition, IllegalTransition, type MirrorState } from '../../../src/mirror/primary/mirror-state.js';
 import type { CatchUp } from '../../../src/mirror/primary/catch-up.js';
 import type { Replicator } from '../../../src/mirror/primary/replicator.js';
-import { MIRROR_OP, PAIR } from '../../../src/mirror/wire.js';
+import { MAX_MIRROR_PAYLOAD, MIRROR_FLAG, MIRROR_OP, PAIR } from '../../../src/mirror/wire.js';
 import { fixture, type Fixture } from './support.js';
 
 const KiB = 1024;
+const MiB = 1024 * KiB;
 const RS = 64 * KiB;
 
 /** The catch-up worker under way (an internal of LunMirror): the event that pairing work is done. */
@@ -120,6 +121,46 @@ describe('LunMirror (fake link)', function () {
     await worker(f.mirror);
     expect([f.mirror.state, f.journal.records]).to.deep.equal(['uptodate', 0]);
     expect(f.peer.data.subarray(3 * RS, 3 * RS + data.length).equals(data)).to.equal(true);
+  });
+
+  it('a host write larger than a mirror frame goes as consecutive frames; the reply waits for every one', async function () {
+    await paired({ size: 80 * MiB });
+    const data = randomBytes(70 * MiB);
+    const done = f.mirror.write(data, 4 * KiB, true);
+    await f.link.sentCount(f.link.sent.length - f.link.unanswered.size + 3);
+    const ops = writes(f).slice(-3);
+    expect(ops.map((op) => [op.offset, op.length])).to.deep.equal([
+      [4 * KiB, MAX_MIRROR_PAYLOAD], [4 * KiB + MAX_MIRROR_PAYLOAD, MAX_MIRROR_PAYLOAD], [4 * KiB + 2 * MAX_MIRROR_PAYLOAD, 6 * MiB],
+    ]);
+    expect(ops.map((op) => op.seq - ops[0].seq), 'consecutive numbers').to.deep.equal([0, 1, 2]);
+    expect(new Set(ops.map((op) => op.dep)).size, 'the same dep: the frames do not wait for each other').to.equal(1);
+    expect(ops.every((op) => (op.flags & MIRROR_FLAG.FUA) !== 0), 'every frame keeps the FUA').to.equal(true);
+    f.link.answer(ops[2]);
+    f.link.answer(ops[0]);
+    expect(await settled(done), 'one frame is still unanswered').to.equal(false);
+    f.link.answer(ops[1]);
+    await done;
+    expect(f.peer.data.subarray(4 * KiB, 4 * KiB + data.length).equals(data)).to.equal(true);
+  });
+
+  it('a large write cut mid-way: its unanswered frames are journaled as frames, and the replay completes it', async function () {
+    await paired({ size: 80 * MiB });
+    const data = randomBytes(40 * MiB);
+    const done = f.mirror.write(data, 0, false);
+    await f.link.sentCount(f.link.sent.length - f.link.unanswered.size + 2);
+    const ops = writes(f).slice(-2);
+    f.link.answer(ops[1]);   // above the acked prefix: journaled too
+    f.link.disconnect('cut');
+    await done;
+    expect(f.journal.entries().map((e) => [e.seq, e.offset, e.length])).to.deep.equal([
+      [ops[0].seq, 0, MAX_MIRROR_PAYLOAD], [ops[1].seq, MAX_MIRROR_PAYLOAD, 8 * MiB],
+    ]);
+    f.peer.hold = false;
+    f.peer.data.fill(0);
+    f.pair({ applied: replicator(f.mirror).seq.ackedPrefix });
+    await worker(f.mirror);
+    expect([f.mirror.state, f.journal.records]).to.deep.equal(['uptodate', 0]);
+    expect(f.peer.data.subarray(0, data.length).equals(data)).to.equal(true);
   });
 
   it('the state table rejects a transition the code cannot justify', async function () {
