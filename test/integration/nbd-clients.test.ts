@@ -120,7 +120,7 @@ describe('nbd clients against a single site', function () {
         can_cache: true,
         can_multi_conn: true,
       });
-      expect([e.block_size_minimum, e.block_size_preferred, e.block_size_maximum]).to.deep.equal([1, 4096, 33554432]);
+      expect([e.block_size_minimum, e.block_size_preferred, e.block_size_maximum]).to.deep.equal([1, 4096, 64 * 1024 * 1024]);
       expect(e.contexts ?? []).to.include('base:allocation');
     });
 
