@@ -32,6 +32,11 @@
 //   BENCH_OUTAGE_RATE   outage bench: fio --rate for that writer (default 30m, a steady production-like
 //                       load; 'unlimited' saturates both cores, so replay cannot outrun it here)
 //
+// "sync" (not a fio target either) times bulk mirror work on pairs started on fresh dataDirs:
+// initial sync of differing data, full compare of equal copies next to a one-core SHA-256 rate,
+// an empty sparse 64 GiB pair, host 4k randwrite QD16 during a background sync; its table also
+// holds the replay row (from "outage") and the mirrored 1M seq write rows, each with its target.
+//
 // Mirrored targets: "nbd-mirror sync" and "nbd-mirror async" run two nbd-mirror
 // sites on 127.0.0.1 (a: primary lun0 on the bench image, b: secondary lun0 on a
 // second image of the same size) and run the jobs against site a.
@@ -73,6 +78,7 @@ import { buildMeta, createImage, createRandomFile, requireTool } from './bench/p
 import { cleanupSync, installCleanupHandlers, tempDirs, terminateAll } from './bench/proc.js';
 import { runTarget } from './bench/jobs.js';
 import { writeReport } from './bench/report.js';
+import { runSync } from './bench/sync.js';
 import { selectTargets } from './bench/targets.js';
 
 installCleanupHandlers();
@@ -80,7 +86,7 @@ installCleanupHandlers();
 async function main() {
   const benchStarted = Date.now();
   for (const t of ['fio', 'nbdcopy', 'nbdinfo']) requireTool(t);
-  const { targets, runOutage: runOutageBench, ratios } = selectTargets();
+  const { targets, runOutage: runOutageBench, runSync: runSyncBench, ratios } = selectTargets();
 
   const baseTmp = process.env.BENCH_TMPDIR || os.tmpdir();
   const tmpDir = fs.mkdtempSync(path.join(baseTmp, 'nbd-mirror-bench-'));
@@ -89,6 +95,7 @@ async function main() {
   const results = [];
   let meta;
   let outage = null;
+  let sync = null;
   try {
     const imageBytes = SETTINGS.sizeMiB * MiB;
     const sourceBytes = SETTINGS.copyMiB * MiB;
@@ -114,6 +121,7 @@ async function main() {
         '(sockets stay open and silent); replay MB/s = journal bytes / (first poll in replaying → first poll in uptodate), 50 ms polls.');
       outage = await runOutage(ctx);
     }
+    if (runSyncBench) sync = await runSync(ctx);
   } finally {
     // Servers are stopped by runTarget; this catches anything left over.
     await terminateAll();
@@ -121,7 +129,7 @@ async function main() {
     tempDirs.delete(tmpDir);
   }
 
-  writeReport({ meta, targets, results, ratios, outage, totalSeconds: (Date.now() - benchStarted) / 1000 });
+  writeReport({ meta, targets, results, ratios, outage, sync, totalSeconds: (Date.now() - benchStarted) / 1000 });
 }
 
 main().catch((err) => {

@@ -4,7 +4,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { CLI_JS, EXPORT_NAME, HOST, REPO_ROOT, SETTINGS, log, logTail } from './common.js';
-import { freePort, freePorts, waitForLunState } from './net.js';
+import { freePort, freePorts, waitUptodateByProgress } from './net.js';
 import { isAlive } from './proc.js';
 import { combineServers, startProcessServer } from './servers.js';
 
@@ -40,7 +40,7 @@ export async function startNbdMirror(config, { name = 'nbd-mirror', tmpDir }) {
   const handle = await startProcessServer({
     name,
     cmd: process.execPath,
-    args: [CLI_JS, 'serve', '--config', configPath],
+    args: [...(process.env.BENCH_NODE_ARGS ? process.env.BENCH_NODE_ARGS.split(' ') : []), CLI_JS, 'serve', '--config', configPath],
     port: config.listen.port,
     exportName: config.luns?.[0]?.name ?? EXPORT_NAME,
     logPath: path.join(tmpDir, `${tag}.log`),
@@ -76,13 +76,17 @@ function secondaryImage(ctx) {
  * Two nbd-mirror sites on 127.0.0.1: a (primary lun0 on the bench image, mirror
  * `mode`) and b (secondary lun0 on a second image of the same size); each one's
  * mirror.peer points at the other's mirror port. Waits until a's lun0 is
- * `uptodate`. The handle talks to site a; stopping it stops a, then b. Extra
+ * `uptodate` (unless waitUptodate is false). The handle talks to site a; stopping it stops a, then b. Extra
  * fields: adminPort (a), adminPortB, primary, secondary (handles).
  */
-export async function startMirrorPair(ctx, { name, mode, heartbeat, reconnectMs, journalMaxBytes, connections = 4, tls = 'psk' }) {
-  const remoteImage = await secondaryImage(ctx);
+export async function startMirrorPair(ctx, {
+  name, mode, heartbeat, reconnectMs, journalMaxBytes, connections = 4, tls = 'psk',
+  primaryImage = ctx.image, secondaryImage: remote, syncRateBytes, fresh = false, waitUptodate = true,
+}) {
+  const remoteImage = remote ?? (await secondaryImage(ctx));
   const [portA, adminA, mirrorA, portB, adminB, mirrorB] = await freePorts(6);
-  const tag = name.replace(/[^a-z0-9]+/gi, '-');
+  // fresh: dataDirs of their own, so the pair meets as new (an initial sync or full compare).
+  const tag = `${name.replace(/[^a-z0-9]+/gi, '-')}${fresh ? `-${portA}` : ''}`;
   // The default, secure link: TLS 1.3 with a pre-shared key both sites read from one file.
   const pskFile = path.join(ctx.tmpDir, 'mirror.psk');
   if (!fs.existsSync(pskFile)) fs.writeFileSync(pskFile, `bench:${crypto.randomBytes(32).toString('hex')}\n`, { mode: 0o600 });
@@ -95,6 +99,7 @@ export async function startMirrorPair(ctx, { name, mode, heartbeat, reconnectMs,
     ...(reconnectMs !== undefined ? { reconnectMs } : {}),
     ...(heartbeat ? { heartbeat } : {}),
     ...(journalMaxBytes ? { journal: { maxBytes: journalMaxBytes } } : {}),
+    ...(syncRateBytes ? { syncRateBytes } : {}),
   });
   const secondary = await startNbdMirror(nbdMirrorConfig({
     site: 'b', port: portB, adminPort: adminB, dataDir: path.join(ctx.tmpDir, `${tag}-b`), shutdownTimeoutMs: 5000,
@@ -102,20 +107,22 @@ export async function startMirrorPair(ctx, { name, mode, heartbeat, reconnectMs,
     luns: [{ name: EXPORT_NAME, path: remoteImage, role: 'secondary' }],
   }), { name: `${name} (secondary b)`, tmpDir: ctx.tmpDir });
   let primary;
+  let uptodate = null;
   try {
     primary = await startNbdMirror(nbdMirrorConfig({
       site: 'a', port: portA, adminPort: adminA, dataDir: path.join(ctx.tmpDir, `${tag}-a`), shutdownTimeoutMs: 5000,
       mirror: mirror(mirrorA, mirrorB, 'b'),
-      luns: [{ name: EXPORT_NAME, path: ctx.image, role: 'primary', mirror: mode }],
+      luns: [{ name: EXPORT_NAME, path: primaryImage, role: 'primary', mirror: mode }],
     }), { name, tmpDir: ctx.tmpDir });
-    const t0 = Date.now();
-    await waitForLunState(adminA, ['uptodate'], {
-      timeoutMs: SETTINGS.startTimeoutMs,
-      intervalMs: 100,
-      alive: () => isAlive(primary.pid) && isAlive(secondary.pid),
-      what: `${name}: site a lun0`,
-    });
-    log(`${name}: site a lun0 uptodate ${((Date.now() - t0) / 1000).toFixed(1)} s after start`);
+    if (waitUptodate) {
+      const t0 = Date.now();
+      // As long as the catch-up moves (a 2 GiB initial sync may take longer than any fixed limit).
+      uptodate = await waitUptodateByProgress(adminA, {
+        alive: () => isAlive(primary.pid) && isAlive(secondary.pid),
+        what: `${name}: site a lun0`,
+      });
+      log(`${name}: site a lun0 uptodate ${((Date.now() - t0) / 1000).toFixed(1)} s after start`);
+    }
   } catch (err) {
     if (primary) {
       err.message += `\n--- site a log ---\n${logTail(primary.logPath)}`;
@@ -126,5 +133,5 @@ export async function startMirrorPair(ctx, { name, mode, heartbeat, reconnectMs,
     throw err;
   }
   const handle = combineServers(primary, [secondary]);
-  return Object.assign(handle, { adminPort: adminA, adminPortB: adminB, primary, secondary, sawReady: primary.sawReady });
+  return Object.assign(handle, { adminPort: adminA, adminPortB: adminB, primary, secondary, sawReady: primary.sawReady, uptodate });
 }

@@ -99,6 +99,37 @@ export async function waitForLunState(adminPort, states, { timeoutMs = 30_000, i
   }
 }
 
+/**
+ * Wait until a LUN is uptodate, for as long as its catch-up moves: the deadline is `stallMs`
+ * after the last poll whose state or progress counters changed. Resolves { status, atMs,
+ * catchUpAt } (catchUpAt: the first poll in a catch-up state, null if none was seen).
+ */
+export async function waitUptodateByProgress(adminPort, { stallMs = SETTINGS.startTimeoutMs, intervalMs = 50, alive = () => true, what = 'LUN' } = {}) {
+  let mark = '';
+  let movedAt = Date.now();
+  let catchUpAt = null;
+  for (;;) {
+    const left = movedAt + stallMs - Date.now();
+    try {
+      const done = await waitForLunState(adminPort, ['uptodate'], {
+        timeoutMs: Math.max(0, Math.min(left, 5000)), intervalMs, alive, what,
+        onPoll: (st, now) => {
+          const p = st.progress ?? {};
+          const m = `${st.state} ${p.replayDone} ${p.resyncDone} ${p.syncDone}`;
+          if (m !== mark) { mark = m; movedAt = now; }
+          if (['syncing', 'resyncing', 'replaying'].includes(st.state)) catchUpAt ??= now;
+        },
+      });
+      return { ...done, catchUpAt };
+    } catch (err) {
+      if (!/ within /.test(err.message) || Date.now() >= movedAt + stallMs) {
+        if (/ within /.test(err.message)) err.message = `${what}: not uptodate and no progress for ${stallMs} ms (last ${mark})`;
+        throw err;
+      }
+    }
+  }
+}
+
 /** Records distinct consecutive LUN states with their time relative to t0. */
 export function stateTimeline(t0) {
   const events = [];

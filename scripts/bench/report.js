@@ -5,6 +5,7 @@ import path from 'node:path';
 import { MiB, OUTPUT_PATH, SETTINGS, fmt } from './common.js';
 import { JOBS, METRICS } from './jobs.js';
 import { OUTAGE_CONVERGE_SLACK_S, OUTAGE_TARGET_REPLAY_MBPS } from './outage.js';
+import { syncTable } from './sync-report.js';
 import { TARGET_CHECKS } from './targets.js';
 
 function metricValue(results, targetName, jobId, metric) {
@@ -111,7 +112,7 @@ function outageTable(o) {
  * Print the report on stdout and write the results JSON (BENCH_OUTPUT). `targets` are the
  * selected fio targets, `results` their runTarget results, `outage` the outage result or null.
  */
-export function writeReport({ meta, targets, results, ratios, outage, totalSeconds }) {
+export function writeReport({ meta, targets, results, ratios, outage, sync, totalSeconds }) {
   const table = buildTable(results, ratios);
   const copyTitle = `nbdcopy = ${SETTINGS.copyMiB} MiB random file → export`;
   const out = [
@@ -136,6 +137,10 @@ export function writeReport({ meta, targets, results, ratios, outage, totalSecon
   if (outage) {
     out.push('### Outage (async mirror, link cut by SIGSTOP of the secondary site)', '', outageTable(outage), '');
   }
+  const bulk = syncTable({ sync, outage, results });
+  if (bulk) {
+    out.push('### Bulk mirror work (sync pairs on fresh dataDirs, rate cap raised; timed to uptodate)', '', bulk, '');
+  }
   const failed = results.filter((r) => r.status !== 'ok' || Object.values(r.jobs).some((j) => j.error));
   for (const r of failed) {
     if (r.error) out.push(`- ${r.name}: ${r.status}: ${r.error.split('\n')[0]}`);
@@ -152,6 +157,7 @@ export function writeReport({ meta, targets, results, ratios, outage, totalSecon
     table: table.data,
     targetChecks: checks.map(({ line, ...c }) => c),
     outage,
+    sync,
   };
   fs.writeFileSync(OUTPUT_PATH, JSON.stringify(json, null, 2) + '\n');
 }

@@ -6,6 +6,8 @@ import { startNbdServer, startNbdkit, startQemuNbd } from './servers.js';
 
 /** Name of the outage bench in BENCH_TARGETS (not a fio target, selectable like one). */
 export const OUTAGE_NAME = 'outage';
+/** Name of the sync bench (sync.js) in BENCH_TARGETS. */
+export const SYNC_NAME = 'sync';
 
 // A target: a name, an async start(ctx) returning a server handle (see servers.js and
 // nbd-mirror.js), and optionally `seconds` to override BENCH_SECONDS for its fio jobs.
@@ -77,21 +79,23 @@ export const TARGET_CHECKS = [
 
 /**
  * The targets BENCH_TARGETS selects (all by default), whether the outage bench runs, and
- * the ratio columns whose two targets both run.
+ * whether the sync bench runs, and the ratio columns whose two targets both run.
  */
 export function selectTargets(spec = process.env.BENCH_TARGETS) {
   let targets = TARGETS;
   let runOutage = true;
+  let runSync = true;
   if (spec) {
     const wanted = spec.split(',').map((s) => s.trim()).filter(Boolean);
-    const unknown = wanted.filter((w) => w !== OUTAGE_NAME && !TARGETS.some((t) => t.name === w));
+    const unknown = wanted.filter((w) => w !== OUTAGE_NAME && w !== SYNC_NAME && !TARGETS.some((t) => t.name === w));
     if (unknown.length) {
-      throw new Error(`unknown BENCH_TARGETS: ${unknown.join(', ')} (known: ${[...TARGETS.map((t) => t.name), OUTAGE_NAME].join(', ')})`);
+      throw new Error(`unknown BENCH_TARGETS: ${unknown.join(', ')} (known: ${[...TARGETS.map((t) => t.name), OUTAGE_NAME, SYNC_NAME].join(', ')})`);
     }
     targets = TARGETS.filter((t) => wanted.includes(t.name));
     runOutage = wanted.includes(OUTAGE_NAME);
+    runSync = wanted.includes(SYNC_NAME);
   }
   const names = new Set(targets.map((t) => t.name));
   const ratios = RATIOS.map(normalizeRatio).filter((r) => names.has(r.ours) && names.has(r.ref));
-  return { targets, runOutage, ratios };
+  return { targets, runOutage, runSync, ratios };
 }
