@@ -62,6 +62,8 @@ export interface OutagePairOptions {
   connections?: number;
   /** Both images start with the same random bytes instead of holes (a compare then reads and hashes data). */
   sameData?: boolean;
+  /** Random data in a's file only (b stays a hole): a new secondary with everything to copy. */
+  dataOnA?: boolean;
 }
 
 export class OutagePair {
@@ -89,6 +91,8 @@ export class OutagePair {
       const data = randomBytes(size);
       await fs.writeFile(files.a, data);
       await fs.writeFile(files.b, data);
+    } else if (opts.dataOnA) {
+      await fs.writeFile(files.a, randomBytes(size));
     }
     const dataDirs = { a: dir.join('a-data'), b: dir.join('b-data') };
     await fs.mkdir(dataDirs.a, { recursive: true });

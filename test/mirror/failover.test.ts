@@ -109,6 +109,40 @@ describe('mirror: failover and consistency (real sites)', function () {
     expect(again.mirrored!.resyncedBytes, 'bytes sent').to.be.lessThan(MiB);
   });
 
+  it('initial sync skips holes: data and holes end identical on both sides, a punched (TRIMmed) primary range a hole on the secondary', async function () {
+    const size = 64 * MiB;
+    const fileA = await sparseFile(dir.join('a.img'), size);
+    const fileB = await randomFile(dir.join('b.img'), size);   // data everywhere: stale where a has holes
+    const data = await fs.readFile(fileB);
+    const fa = await fs.open(fileA, 'r+');
+    await fa.write(Buffer.from(data.subarray(0, 8 * MiB)).reverse(), 0, 8 * MiB, 0);
+    await fa.write(Buffer.from(data.subarray(0, 4 * MiB)).reverse(), 0, 4 * MiB, 40 * MiB);
+    await fa.close();
+    // What a TRIM leaves in the backing file: a hole punched inside the data.
+    await exec('fallocate', ['--punch-hole', '--offset', String(2 * MiB), '--length', String(MiB), fileA]);
+    const pair = await startPair({
+      a: { luns: [{ name: 'lun0', path: fileA, role: 'primary', mirror: 'sync' }] },
+      b: { luns: [{ name: 'lun0', path: fileB, role: 'secondary', mirror: 'none' }] },
+    });
+    cleanup.add('pair', () => pair.stop());
+    dumps.push(pair.a, pair.b);
+    const done = await waitState(pair.a, ['uptodate'], 'initial sync', 120_000);
+    expect(done.mirrored!.resyncedBytes, 'every range differed (data reversed, holes stale)').to.be.at.least(size - MiB);
+    await pair.stop();
+    expect(await sha256File(fileB)).to.equal(await sha256File(fileA));
+    // The holes of a are holes of b: [2, 3) MiB (punched), [8, 40) and [44, 64) MiB; its data ranges are data.
+    const layout = await exec(PYTHON, ['-c', `import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+def has_data(off, n):
+    try:
+        return os.lseek(fd, off, os.SEEK_DATA) < off + n
+    except OSError:
+        return False
+M = 1 << 20
+print([has_data(o * M, n * M) for o, n in ((0, 2), (2, 1), (3, 5), (8, 32), (40, 4), (44, 20))])`, fileB]);
+    expect(layout.stdout.trim()).to.equal('[True, False, True, False, True, False]');
+  });
+
   it('promote after losing the primary, write, bring the old primary back, demote it, converge', async function () {
     const pair = await OutagePair.start(dir, { mode: 'sync', size: 32 * MiB });
     cleanup.add('pair', () => pair.stop());
@@ -185,6 +219,27 @@ describe('mirror: failover and consistency (real sites)', function () {
     expect(await sha256File(pair.files.b)).to.equal(await sha256File(pair.files.a));
   });
 
+  it('a new secondary killed half-way through its initial sync says it was never consistent; a later sync completes it', async function () {
+    const size = 32 * MiB;
+    // Data on a, none on b (a new secondary); at 8 MiB/s the sync takes about 4 s.
+    const pair = await OutagePair.start(dir, { mode: 'sync', size, dataOnA: true, mirrorA: { syncRateBytes: 8 * MiB } });
+    cleanup.add('pair', () => pair.stop());
+    dumps.push(pair.a, pair.b);
+    await pollUntil(async () => {
+      const l = await lunOf(pair.a);
+      return (l.state === 'resyncing' || l.state === 'syncing') && (l.mirrored?.resyncedBytes ?? 0) > 0 && l;
+    }, { timeoutMs: 30_000 });
+    await pair.kill('b');
+    await pair.restart('b');
+    const b = await lunOf(pair.b);
+    expect(b.state, 'not a consistent copy').to.be.oneOf(['secondary-syncing', 'secondary-inconsistent']);
+    expect(b.reason).to.match(/never synced/);
+    await waitState(pair.a, ['uptodate'], 'the sync finished', 60_000);
+    const after = await lunOf(pair.b);
+    expect([after.state, after.reason]).to.deep.equal(['secondary-uptodate', undefined]);
+    expect(await sha256File(pair.files.b)).to.equal(await sha256File(pair.files.a));
+  });
+
   it('a resync interrupted half-way is rolled back on promote to an earlier state of the primary', async function () {
     // The first pairing compares 32 MiB; the resync after the outage is slowed down to 4 MiB/s.
     const pair = await OutagePair.start(dir, { mode: 'sync', size: 32 * MiB, mirrorA: { journal: { maxBytes: MiB }, syncRateBytes: 4 * MiB } });
@@ -199,7 +254,11 @@ describe('mirror: failover and consistency (real sites)', function () {
     // 16 MiB of changes overflow the 1 MiB journal: a bitmap resync (2 MiB/s) follows the heal.
     await exec(PYTHON, ['-c', 'import sys,nbd,os\nh=nbd.NBD();h.connect_uri(sys.argv[1])\nfor i in range(256): h.pwrite(os.urandom(65536), 4*1048576+i*65536)\nh.flush();h.shutdown()', pair.a.uri('lun0')], { timeoutMs: 30_000 });
     pair.heal();
-    await pollUntil(async () => { const l = await lunOf(pair.b); return l.state === 'secondary-syncing' && (l.undoRegions ?? 0) >= 16 && l; }, { timeoutMs: 30_000 });
+    // (A resync request is a 1 MiB run: its regions are saved before it lands, so also wait for b to change.)
+    await pollUntil(async () => {
+      const l = await lunOf(pair.b);
+      return l.state === 'secondary-syncing' && (l.undoRegions ?? 0) >= 16 && !(await fs.readFile(pair.files.b)).equals(earlier) && l;
+    }, { timeoutMs: 30_000 });
     pair.cut();   // half-way
     await waitState(pair.b, ['secondary-inconsistent'], 'b is inconsistent after the cut');
     expect((await fs.readFile(pair.files.b)).equals(earlier), 'the resync changed b').to.equal(false);

@@ -19,6 +19,8 @@ export interface CompareWalkShape {
   holeRegions: number;
   /** Any other range of this many regions, all still to compare, is compared as one. */
   dataRegions: number;
+  /** A range that differed is compared next in runs of up to this many regions (1: one by one). */
+  fineRegions: number;
   /** True if regions [first, first+n) are all hole in the local copy. */
   isHole(first: number, n: number): boolean;
 }
@@ -26,7 +28,8 @@ export interface CompareWalkShape {
 /**
  * Hands out what is left in `todo` in ascending order: an aligned block that is all still to
  * compare as one item (a hole block of holeRegions, else dataRegions), else single regions. An
- * item whose hashes differ is descended into: its regions come next, one by one. The walk does
+ * item whose hashes differ is descended into: its regions come next, in runs of up to
+ * fineRegions still to compare (the comparison resends a run that differs whole). The walk does
  * not remove regions from `todo`; the comparison does, once it has a verdict.
  */
 export class CompareWalk {
@@ -34,6 +37,10 @@ export class CompareWalk {
   private readonly fine: { at: number; end: number }[] = [];
 
   constructor(private readonly todo: RegionSet, private readonly shape: CompareWalkShape) {}
+
+  get fineRegions(): number {
+    return this.shape.fineRegions;
+  }
 
   /** The next item to compare, or null if nothing is left to start (items in flight may still descend). */
   next(): CompareItem | null {
@@ -44,8 +51,10 @@ export class CompareWalk {
         this.fine.shift();
         continue;
       }
-      f.at = r + 1;
-      return { first: r, n: 1 };
+      let n = 1;
+      while (n < this.shape.fineRegions && r + n < f.end && this.todo.has(r + n)) n++;
+      f.at = r + n;
+      return { first: r, n };
     }
     const r = this.todo.next(this.cursor);
     if (r < 0) return null;
@@ -54,7 +63,7 @@ export class CompareWalk {
     return item;
   }
 
-  /** An item differed (or a host wrote it meanwhile): its regions are compared one by one. */
+  /** An item differed (or a host wrote it meanwhile): its regions are compared in fine runs. */
   descend(item: CompareItem): void {
     this.fine.push({ at: item.first, end: item.first + item.n });
   }

@@ -222,8 +222,10 @@ export class Replicator {
       } else if (op.origin === 'resync') {
         this.stats.resynced++;
         this.stats.resyncedBytes += op.length;
-        this.progress.resyncDone++;
-        this.dirty.resyncNeeded.delete(op.region);
+        // A resync request is a run of whole regions from op.region (resync.ts).
+        const n = op.last - op.first + 1;
+        this.progress.resyncDone += n;
+        this.dirty.resyncNeeded.deleteRange(op.region, n);
       }
     }
     if (op.origin !== 'replay') this.dirty.opEnded(op.first, op.last);

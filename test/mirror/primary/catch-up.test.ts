@@ -120,8 +120,8 @@ describe('CatchUp', function () {
     });
 
     it('an outage mid-resync stops it: nothing is sent after the cut and the regions stay stale', async function () {
-      await setup({ size: 64 * RS });
-      await st.bitmap.markRegions(0, 64);
+      await setup({ size: 256 * RS });
+      await st.bitmap.markRegions(0, 256);
       r.dirty.markedAreStale(false);
       st.peer.hold = true;
       pair();
@@ -132,25 +132,28 @@ describe('CatchUp', function () {
       expect(st.link.sent.length).to.equal(before);
       expect(st.link.sentWhileDown).to.deep.equal([]);
       expect(r.state).to.equal('journaling');
-      expect(r.dirty.resyncNeeded.size, 'nothing was answered: all still to resend').to.equal(64);
+      expect(r.dirty.resyncNeeded.size, 'nothing was answered: all still to resend').to.equal(256);
     });
   });
 
   describe('compare', function () {
-    it('compares by hash and sends only the regions that differ', async function () {
-      const data = randomBytes(8 * RS);
-      await setup({ size: 16 * RS, prepare: ({ file }) => fs.writeFile(file, Buffer.concat([data, Buffer.alloc(8 * RS)])) });
+    it('compares by hash in 1 MiB pieces; only the pieces that differ are resent (a hole as a zero)', async function () {
+      const data = randomBytes(32 * RS);
+      await setup({ size: 64 * RS, prepare: async ({ file }) => { await fs.writeFile(file, data); await fs.truncate(file, 64 * RS); } });
       data.copy(st.peer.data);
-      st.peer.data[2 * RS + 17] ^= 1;
-      st.peer.data[5 * RS] ^= 0x80;
-      r.dirty.compareNeeded.addRange(0, 16);
+      st.peer.data[2 * RS + 17] ^= 1;   // piece 0 (regions 0-15) differs
+      st.peer.data[37 * RS] = 0x80;     // piece 2 (regions 32-47, a hole here) differs
+      r.dirty.compareNeeded.addRange(0, 64);
       pair();
       await c.worker;
-      expect(st.link.sent.filter((op) => op.type === MIRROR_OP.HASH).length, 'one coarse hash, then each region').to.equal(17);
-      expect(st.link.sent.filter(isWrite).map((op) => op.offset / RS)).to.deep.equal([2, 5]);
-      expect({ ...r.sync }).to.deep.equal({ compared: 16, equal: 14, equalBytes: 14 * RS });
+      expect(st.link.sent.filter((op) => op.type === MIRROR_OP.HASH).length, 'one hash per 1 MiB piece').to.equal(4);
+      expect(st.link.sent.filter(isWrite).map((op) => [op.type, op.offset / RS, op.length / RS])).to.deep.equal([
+        [MIRROR_OP.WRITE, 0, 16],
+        [MIRROR_OP.WRITE_ZEROES, 32, 16],
+      ]);
+      expect({ ...r.sync }).to.deep.equal({ compared: 64, equal: 32, equalBytes: 32 * RS });
       expect(st.peer.data.equals(await fs.readFile(st.file))).to.equal(true);
-      expect([r.state, r.dirty.compareNeeded.size, r.dirty.compareClears.waiting]).to.deep.equal(['uptodate', 0, 14]);
+      expect([r.state, r.dirty.compareNeeded.size, r.dirty.compareClears.waiting]).to.deep.equal(['uptodate', 0, 32]);
     });
   });
 });
