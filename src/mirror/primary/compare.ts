@@ -1,6 +1,6 @@
-// Initial sync / full compare: hash ranges here and on the peer (pipelined, rate-limited): holes
-// here in 64 MiB ranges (at no rate cost; one that differs is compared again in 1 MiB pieces),
-// data in 1 MiB pieces; pieces that differ, or that a write touched while compared, go to
+// Initial sync / full compare: hash ranges here and on the peer (pipelined, rate-limited), large
+// ranges first (holes here in 64 MiB ranges, at no rate cost), then 1 MiB pieces of those that
+// differ; pieces that differ, or that a write touched while compared, go to
 // resyncNeeded (resync.ts sends them). The work list is the compareNeeded bits, walked in order.
 import { hashRange } from '../../storage/hash.js';
 import type { WorkerContext } from './worker-context.js';
@@ -11,16 +11,16 @@ import type { Replicator } from './replicator.js';
 /** Comparisons (HASH requests) in flight during an initial sync. */
 const COMPARE_PARALLEL = 16;
 /**
- * Largest range that is a hole here compared as one (a cached digest of zeros: no reads).
- * A data piece is also at most a sixteenth of a second of the background rate (its bytes are
- * taken from the rate at once, so progress stays smooth).
+ * Largest range compared as one: a range that is a hole here, or one still all to compare whose
+ * bytes fit a sixteenth of a second of the background rate (its bytes are taken from the rate
+ * at once, so progress stays smooth).
  */
 const COMPARE_COARSE_BYTES = 64 * 1024 * 1024;
 /**
- * A range with data is compared in pieces of this size (hashed in one piece in the thread pool
- * on both sides, storage/hash.ts), and a piece that differs is resent whole: hashing region by
- * region cost a round trip per 64 KiB, and a coarse pass over data hashed every byte twice.
- * A coarse hole range that differs is compared again in pieces of this size.
+ * A coarse range that differs is compared again in pieces of this size (each hashed in one
+ * piece in the thread pool on both sides, storage/hash.ts), and a piece that differs is resent
+ * whole: hashing region by region cost a round trip per 64 KiB. Equal copies stay coarse (1 MiB
+ * pieces throughout measured 565 against 855 MB/s for a 1 GiB compare).
  */
 const COMPARE_DATA_BYTES = 1024 * 1024;
 
@@ -33,9 +33,10 @@ export async function compare(c: WorkerContext, s: LinkSession): Promise<void> {
   r.progress.startedMs = Date.now();
   const rs = r.store.bitmap.regionSize;
   const holeRegions = Math.max(1, Math.floor(COMPARE_COARSE_BYTES / rs));
-  const fit = Math.max(1, Math.floor(Math.min(COMPARE_DATA_BYTES, c.rate.bytesPerSec / 16) / rs));
+  const fit = Math.max(1, Math.floor(Math.min(COMPARE_COARSE_BYTES, c.rate.bytesPerSec / 16) / rs));
   const dataRegions = 2 ** Math.floor(Math.log2(fit));
-  const walk = new CompareWalk(todo, { regions: todo.regions, holeRegions, dataRegions, fineRegions: dataRegions, isHole: (f, n) => allHole(r, f, n) });
+  const fineRegions = Math.max(1, Math.min(dataRegions, Math.floor(COMPARE_DATA_BYTES / rs)));
+  const walk = new CompareWalk(todo, { regions: todo.regions, holeRegions, dataRegions, fineRegions, isHole: (f, n) => allHole(r, f, n) });
   const turn = new TurnBudget();
   const inflight = new Set<Promise<void>>();
   for (;;) {

@@ -137,7 +137,7 @@ describe('CatchUp', function () {
   });
 
   describe('compare', function () {
-    it('compares by hash in 1 MiB pieces; only the pieces that differ are resent (a hole as a zero)', async function () {
+    it('compares by hash: a coarse range, then 1 MiB pieces; only the pieces that differ are resent (a hole as a zero)', async function () {
       const data = randomBytes(32 * RS);
       await setup({ size: 64 * RS, prepare: async ({ file }) => { await fs.writeFile(file, data); await fs.truncate(file, 64 * RS); } });
       data.copy(st.peer.data);
@@ -146,7 +146,7 @@ describe('CatchUp', function () {
       r.dirty.compareNeeded.addRange(0, 64);
       pair();
       await c.worker;
-      expect(st.link.sent.filter((op) => op.type === MIRROR_OP.HASH).length, 'one hash per 1 MiB piece').to.equal(4);
+      expect(st.link.sent.filter((op) => op.type === MIRROR_OP.HASH).length, 'one coarse hash, then each 1 MiB piece').to.equal(5);
       expect(st.link.sent.filter(isWrite).map((op) => [op.type, op.offset / RS, op.length / RS])).to.deep.equal([
         [MIRROR_OP.WRITE, 0, 16],
         [MIRROR_OP.WRITE_ZEROES, 32, 16],
