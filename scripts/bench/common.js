@@ -69,3 +69,14 @@ export function fsyncFile(file) {
     fs.closeSync(fd);
   }
 }
+
+/**
+ * A markdown table of string cells, columns padded to their widest cell; column i is
+ * left-aligned if left(i), else right-aligned (numbers).
+ */
+export function markdownTable(header, rows, left = () => true) {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (cells) => `| ${cells.map((x, i) => (left(i) ? x.padEnd(widths[i]) : x.padStart(widths[i]))).join(' | ')} |`;
+  const sep = `|${widths.map((w, i) => (left(i) ? `:${'-'.repeat(w + 1)}` : `${'-'.repeat(w + 1)}:`)).join('|')}|`;
+  return [line(header), sep, ...rows.map(line)].join('\n');
+}

@@ -8,6 +8,7 @@
 //   node scripts/bench/compare.js --old A-1.json,A-2.json --new B-1.json,B-2.json \
 //        [--old-label main] [--new-label HEAD] [--limit 0.05]
 import fs from 'node:fs';
+import { markdownTable } from './common.js';
 
 const REFERENCE = new Set(['nbdkit', 'nbd-server', 'qemu-nbd']);
 
@@ -114,9 +115,6 @@ function main() {
     rows.push([info.target, info.title, info.label, num(a, digits), num(b, digits), q === null ? 'n/a' : q.toFixed(3),
       `${pct(spread(ov)) || '-'} / ${pct(spread(nv)) || '-'}`, flag]);
   }
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
-  const line = (c) => `| ${c.map((x, i) => (i < 3 || i === 7 ? x.padEnd(widths[i]) : x.padStart(widths[i]))).join(' | ')} |`;
-  const sep = `|${widths.map((w, i) => (i < 3 || i === 7 ? `:${'-'.repeat(w + 1)}` : `${'-'.repeat(w + 1)}:`)).join('|')}|`;
   const out = [
     '',
     `## bench compare: ${o.oldLabel} vs ${o.newLabel} (${oldRuns.length} + ${newRuns.length} runs, medians)`,
@@ -126,9 +124,7 @@ function main() {
     'spread = (max - min) / median over the runs of each side. Reference servers are the same for both: their rows',
     '(gauge ±x%, oriented like the flags) show the noise of this sitting.',
     '',
-    line(header),
-    sep,
-    ...rows.map(line),
+    markdownTable(header, rows, (i) => i < 3 || i === 7),
     '',
     `1-min load average at the start of each run (${oldJson[0]?.meta?.cpus ?? '?'} CPUs): old ${loads(oldJson)}; new ${loads(newJson)}.`,
     gaugeMax !== null ? `noise gauge: reference rows differ by up to ${pct(gaugeMax)} between the two sides.` : 'noise gauge: no reference target ran.',

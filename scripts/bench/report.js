@@ -2,7 +2,7 @@
 // outage table, the text on stdout and bench-results.json.
 import fs from 'node:fs';
 import path from 'node:path';
-import { MiB, OUTPUT_PATH, SETTINGS, fmt } from './common.js';
+import { MiB, OUTPUT_PATH, SETTINGS, fmt, markdownTable } from './common.js';
 import { JOBS, METRICS } from './jobs.js';
 import { OUTAGE_CONVERGE_SLACK_S, OUTAGE_TARGET_REPLAY_MBPS } from './outage.js';
 import { syncTable } from './sync-report.js';
@@ -45,10 +45,7 @@ function buildTable(results, ratios) {
       });
     }
   }
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
-  const line = (cells) => `| ${cells.map((c, i) => (i < 2 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join(' | ')} |`;
-  const sep = `|${widths.map((w, i) => (i < 2 ? `:${'-'.repeat(w + 1)}` : `${'-'.repeat(w + 1)}:`)).join('|')}|`;
-  return { markdown: [line(header), sep, ...rows.map(line)].join('\n'), data };
+  return { markdown: markdownTable(header, rows, (i) => i < 2), data };
 }
 
 /** The issue's targets that can be judged with the targets run (ours present). */
@@ -85,10 +82,7 @@ function outageTable(o) {
     ]);
   }
   const header = ['measurement', 'value', 'target', 'result'];
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((x) => x[i].length)));
-  const line = (cells) => `| ${cells.map((x, i) => x.padEnd(widths[i])).join(' | ')} |`;
-  const sep = `|${widths.map((w) => ':' + '-'.repeat(w + 1)).join('|')}|`;
-  const out = [line(header), sep, ...rows.map(line), ''];
+  const out = [markdownTable(header, rows), ''];
   if (r && r.MBps !== undefined) {
     out.push(`target: journal replay >= ${OUTAGE_TARGET_REPLAY_MBPS} MB/s on loopback: ${r.met === null ? 'n/a' : r.met ? 'met' : 'not met'} (${fmt(r.MBps, 1)} MB/s)`);
     out.push(`  detection ${fmt(r.detectSeconds, 2)} s after SIGSTOP; written at ${fmt(r.writeMBps, 1)} MB/s into the journal; ` +

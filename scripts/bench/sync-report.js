@@ -1,6 +1,6 @@
 // The outage/sync table: every bulk-mirror row of issue 13 with its target, from the sync bench
 // (sync.js), the outage bench (replay) and the fio targets (1M seq write, mirrored and not).
-import { fmt } from './common.js';
+import { fmt, markdownTable } from './common.js';
 
 const SEQ = 'seqwrite-1m-qd4';
 
@@ -58,8 +58,5 @@ export function syncTable(input) {
   const rows = syncRows(input);
   if (rows.length === 0) return null;
   const header = ['measurement', 'value', 'reference (same run)', 'ratio', 'target', 'result'];
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((x) => x[i].length)));
-  const line = (cells) => `| ${cells.map((x, i) => x.padEnd(widths[i])).join(' | ')} |`;
-  const sep = `|${widths.map((w) => ':' + '-'.repeat(w + 1)).join('|')}|`;
-  return [line(header), sep, ...rows.map(line)].join('\n');
+  return markdownTable(header, rows);
 }

@@ -12,6 +12,12 @@ const ZEROS = Buffer.alloc(CHUNK);
 /** Distinct lengths whose zero digest is kept (coarse ranges, regions, the LUN's tails). */
 const ZERO_DIGESTS_KEPT = 16;
 const zeroDigests = new Map<number, Promise<Buffer>>();
+/**
+ * Chunks kept for the next pieces: a fresh 1 MiB buffer per piece made the garbage collector
+ * a sixth of a sync's time (external memory forces full collections).
+ */
+const SPARE_KEPT = 16;
+const spare: Buffer[] = [];
 
 export async function hashRange(backing: Backing, offset: number, length: number): Promise<Buffer> {
   if (!backing.isBlockDevice) {
@@ -20,7 +26,7 @@ export async function hashRange(backing: Backing, offset: number, length: number
   }
   if (length <= CHUNK) return hashPiece(backing, offset, length);
   const hash = crypto.createHash('sha256');
-  const buf = Buffer.allocUnsafe(Math.min(CHUNK, length));
+  const buf = Buffer.allocUnsafe(CHUNK);
   const end = offset + length;
   for (let at = offset; at < end;) {
     const [e] = backing.extents(at, end - at, 1);
@@ -44,7 +50,7 @@ export async function hashRange(backing: Backing, offset: number, length: number
 /**
  * A range of one chunk is read whole and hashed by WebCrypto, which runs in the thread pool:
  * the event loop stays free for hosts, and both cores hash while the peer hashes too (the
- * streaming Hash below runs on the event loop). Holes read as zeros, as they hash.
+ * streaming Hash of longer ranges runs on the event loop). Holes read as zeros, as they hash.
  */
 async function hashPiece(backing: Backing, offset: number, length: number): Promise<Buffer> {
   const chunk = spare.pop() ?? Buffer.allocUnsafe(CHUNK);
@@ -56,13 +62,6 @@ async function hashPiece(backing: Backing, offset: number, length: number): Prom
     if (spare.length < SPARE_KEPT) spare.push(chunk);
   }
 }
-
-/**
- * Chunks kept for the next pieces: a fresh 1 MiB buffer per piece made the garbage collector
- * a sixth of a sync's time (external memory forces full collections).
- */
-const SPARE_KEPT = 16;
-const spare: Buffer[] = [];
 
 /** SHA-256 of `length` zero bytes (shared by concurrent callers, kept for the next ones). */
 export function zeroDigest(length: number): Promise<Buffer> {

@@ -32,7 +32,7 @@ function runOf(r: Replicator, k: number): { n: number; start: number; len: numbe
     n = Math.max(1, Math.floor(e.length / size));
     len = Math.min(n * size, backing.size - start);
   }
-  return { n, start, len, hole: backing.extents(start, len, 2).every((x) => x.hole) };
+  return { n, start, len, hole: e !== undefined && e.hole && e.length >= len };
 }
 
 export async function resync(c: WorkerContext, s: LinkSession): Promise<void> {
@@ -54,16 +54,15 @@ export async function resync(c: WorkerContext, s: LinkSession): Promise<void> {
   let sent = 0;
   // In region order, straight from the set's bits: regions added ahead of the walk go in this pass.
   for (let k = todo.next(0), n = 1; k >= 0; k = todo.next(k + n)) {
-    n = 1;
     if (!r.still(s, 'live')) return;
     while (seq.inflightBytes >= RESYNC_WINDOW_BYTES) {
       await r.sleep();
       if (!r.still(s, 'live')) return;
     }
+    n = 1;
     if (!todo.has(k)) continue;
-    const run = runOf(r, k);
-    n = run.n;
-    const { start, len, hole } = run;
+    const { start, len, hole, n: run } = runOf(r, k);
+    n = run;
     await c.rate.take(len);
     const token = await gate.enter(start, len);
     try {
