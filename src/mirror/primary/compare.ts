@@ -70,15 +70,20 @@ async function compareRange(r: Replicator, item: CompareItem, walk: CompareWalk)
   const watch = dirty.watching.watch(first, n);
   try {
     let local: Buffer;
-    let dep: number;
+    let remoteHash: Promise<Buffer | null>;
     const token = await r.gate.enter(start, len);
     try {
+      // Every write this range has seen completed locally (the gate is ours), so is <= doneHigh;
+      // the peer hashes while we do (asked after our hash, the two sites took turns: half speed).
+      remoteHash = r.hashPeer(start, len, r.seq.doneHigh);
       local = await hashRange(r.backing, start, len);
-      dep = r.seq.doneHigh;   // every write this range has seen completed locally, so is <= dep
+    } catch (err) {
+      remoteHash!.catch(() => {});
+      throw err;
     } finally {
       r.gate.leave(token);
     }
-    const remote = await r.hashPeer(start, len, dep);
+    const remote = await remoteHash;
     if (!remote) return;   // the link failed: the range stays to compare
     const equal = remote.equals(local) && !watch.touched;
     if (!equal && n > walk.fineRegions) return walk.descend(item);
