@@ -70,20 +70,16 @@ async function compareRange(r: Replicator, item: CompareItem, walk: CompareWalk)
   const watch = dirty.watching.watch(first, n);
   try {
     let local: Buffer;
-    let remoteHash: Promise<Buffer | null>;
     const token = await r.gate.enter(start, len);
+    // Every write this range has seen completed locally (the gate is ours), so is <= doneHigh;
+    // the peer hashes while we do (asked after our hash, the two sites took turns: half speed).
+    const remoteHash = r.hashPeer(start, len, r.seq.doneHigh);
     try {
-      // Every write this range has seen completed locally (the gate is ours), so is <= doneHigh;
-      // the peer hashes while we do (asked after our hash, the two sites took turns: half speed).
-      remoteHash = r.hashPeer(start, len, r.seq.doneHigh);
       local = await hashRange(r.backing, start, len);
-    } catch (err) {
-      remoteHash!.catch(() => {});
-      throw err;
     } finally {
       r.gate.leave(token);
     }
-    const remote = await remoteHash;
+    const remote = await remoteHash;   // never rejects: a failed link answers null
     if (!remote) return;   // the link failed: the range stays to compare
     const equal = remote.equals(local) && !watch.touched;
     if (!equal && n > walk.fineRegions) return walk.descend(item);
